@@ -1,0 +1,140 @@
+"""The HTTP application: the Tang routes, matched the way the reference server matches them.
+
+The reference matches regular expressions against the raw request target (no percent-decoding, query string
+included), with elastic slashes and no redirects; a path that matches a route with the wrong method is 405;
+anything else is 404; error responses have empty bodies. Starlette's own path routing decodes and normalises
+paths, so the Tang routes are `TangRoute`s that implement exactly the reference's rule.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+
+from starlette.routing import BaseRoute, Match, Router
+from starlette.types import Receive, Scope, Send
+
+from .keystore import KeyStore
+from .recovery import recover
+from .responses import ADVERTISEMENT_TYPE, RECOVERY_TYPE, reply
+from .settings import Settings
+
+Handler = Callable[[Scope, Receive, Send, str], Awaitable[None]]
+
+#: uvicorn puts the request target exactly as received here (see `protocol.py`).
+RAW_TARGET_EXTENSION = "tang.raw_target"
+
+
+def request_target(scope: Scope) -> bytes:
+    """The request target as the client sent it; reconstructed when the server did not provide it."""
+    raw = scope.get("extensions", {}).get(RAW_TARGET_EXTENSION)
+    if raw is not None:
+        return bytes(raw)
+    query = scope.get("query_string", b"")
+    return bytes(scope.get("raw_path") or scope["path"].encode()) + (b"?" + query if query else b"")
+
+
+class TangRoute(BaseRoute):
+    """One row of the route table: a regular expression over the raw target, one method, one handler."""
+
+    def __init__(self, pattern: str, method: str, handler: Handler) -> None:
+        self.pattern = re.compile(pattern.encode())
+        self.method = method
+        self.handler = handler
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] != "http":
+            return Match.NONE, {}
+        found = self.pattern.fullmatch(request_target(scope))
+        if found is None:
+            return Match.NONE, {}
+        child = {"path_params": {"thp": found.group(1).decode() if found.groups() else ""}}
+        return (Match.FULL if scope["method"] == self.method else Match.PARTIAL), child
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != self.method:
+            await reply(send, HTTPStatus.METHOD_NOT_ALLOWED)
+            return
+        await self.handler(scope, receive, send, scope["path_params"]["thp"])
+
+    def url_path_for(self, name: str, /, **path_params: object) -> object:  # pragma: no cover - unused
+        raise NotImplementedError
+
+
+async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    await reply(send, HTTPStatus.NOT_FOUND)
+
+
+class TangApplication:
+    """Checks the request target's length, then dispatches through the route table."""
+
+    def __init__(self, store: KeyStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        prefix = "/+" + re.escape(settings.prefix.strip("/")) if settings.prefix.strip("/") else ""
+        thp = "/+([0-9A-Za-z_-]+)"
+        self.router = Router(
+            routes=[
+                TangRoute(f"{prefix}/+adv/*", "GET", self.advertise),
+                TangRoute(f"{prefix}/+adv{thp}", "GET", self.advertise),
+                TangRoute(f"{prefix}/+rec{thp}", "POST", self.recover),
+            ],
+            redirect_slashes=False,  # clevis runs curl without -L: a redirect is a failed unlock
+            default=not_found,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if len(request_target(scope)) >= self.settings.max_target_bytes:
+                await reply(send, HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if _declared_length(scope) >= self.settings.max_body_bytes:
+                await reply(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+                return
+        await self.router(scope, receive, send)
+
+    async def advertise(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
+        keyset = self.store.keyset
+        body = keyset.advertisements.get(thp) if thp else keyset.default_advertisement
+        if body is not None:
+            await reply(send, HTTPStatus.OK, body, ADVERTISEMENT_TYPE)
+        elif not thp:
+            await reply(send, HTTPStatus.INTERNAL_SERVER_ERROR)
+        else:
+            await reply(send, HTTPStatus.NOT_FOUND)
+
+    async def recover(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
+        body = await _read_body(receive, self.settings.max_body_bytes)
+        if body is None:
+            await reply(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            return
+        status, answer = recover(self.store.keyset, thp, body)
+        await reply(send, status, answer, RECOVERY_TYPE if status == HTTPStatus.OK else None)
+
+
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None once it reaches `limit` bytes (chunked bodies have no declared length)."""
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size >= limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)

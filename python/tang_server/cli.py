@@ -1,0 +1,102 @@
+"""`tang-server`: serve, and manage a key directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__, client, keyfiles, server
+from .settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TARGET_BYTES, DEFAULT_PORT, Settings
+
+
+def port_number(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"invalid port: {text}")
+    return port
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="tang-server", description=__doc__)
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the Tang protocol")
+    serve.add_argument("--keys-dir", type=Path, required=True, help="the key directory (*.jwk files)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
+    serve.add_argument("--uds", help="listen on this Unix socket instead of TCP")
+    serve.add_argument("--workers", type=positive, default=1, help="worker processes (default: %(default)s)")
+    serve.add_argument("--prefix", default="", help="serve the Tang routes under /PREFIX (tangd -e)")
+    serve.add_argument(
+        "--auto-keygen",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="generate a key pair when the directory has no visible key (default: on; turn off for replicas)",
+    )
+    serve.add_argument("--max-target-bytes", type=positive, default=DEFAULT_MAX_TARGET_BYTES)
+    serve.add_argument("--max-body-bytes", type=positive, default=DEFAULT_MAX_BODY_BYTES)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
+
+    keygen = commands.add_parser("keygen", help="write a new signing and exchange key pair (like tangd-keygen)")
+    keygen.add_argument("directory", type=Path)
+
+    rotate = commands.add_parser(
+        "rotate", help="hide every visible key and write a new pair (like tangd-rotate-keys; never deletes)"
+    )
+    rotate.add_argument("directory", type=Path)
+
+    show = commands.add_parser("show-keys", help="print the S256 thumbprints of the advertised signing keys")
+    show.add_argument("url", nargs="?", default=f"http://127.0.0.1:{DEFAULT_PORT}")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "serve":
+        server.serve(
+            Settings(
+                keys_dir=args.keys_dir,
+                host=args.host,
+                port=args.port,
+                uds=args.uds,
+                workers=args.workers,
+                prefix=args.prefix,
+                auto_keygen=args.auto_keygen,
+                max_target_bytes=args.max_target_bytes,
+                max_body_bytes=args.max_body_bytes,
+                log_level=args.log_level,
+                access_log=args.access_log,
+            )
+        )
+    elif args.command == "keygen":
+        for path in keyfiles.generate_keys(args.directory):
+            print(path)
+    elif args.command == "rotate":
+        written, hidden = keyfiles.rotate(args.directory)
+        for name in hidden:
+            print(f"hidden  {name} -> .{name}")
+        for path in written:
+            print(f"created {path.name}")
+    elif args.command == "show-keys":
+        try:
+            for thumbprint in client.verify_key_thumbprints(client.fetch_advertisement(args.url)):
+                print(thumbprint)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"tang-server show-keys: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

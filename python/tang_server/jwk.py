@@ -1,0 +1,69 @@
+"""JWK facts the protocol depends on: thumbprints, permitted operations, the public form."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from . import b64
+
+#: Thumbprint hashes a client may use in a key id, by name, with the hashlib name and encoded length.
+THUMBPRINT_HASHES: Mapping[str, str] = {
+    "S1": "sha1",
+    "S224": "sha224",
+    "S256": "sha256",
+    "S384": "sha384",
+    "S512": "sha512",
+}
+
+#: The members RFC 7638 hashes for an EC key.
+_EC_THUMBPRINT_MEMBERS = ("crv", "kty", "x", "y")
+
+#: Private members of an EC JWK and the private operations, stripped from the advertised form.
+_PRIVATE_MEMBERS = frozenset({"d"})
+_PRIVATE_OPS = frozenset({"sign", "decrypt", "unwrapKey"})
+
+JWK = Mapping[str, Any]
+
+
+def thumbprint_input(jwk: JWK) -> bytes:
+    """The RFC 7638 hash input: required members only, sorted, compact."""
+    members = {name: jwk[name] for name in _EC_THUMBPRINT_MEMBERS}
+    return json.dumps(members, sort_keys=True, separators=(",", ":")).encode()
+
+
+def thumbprint(jwk: JWK, hash_name: str = "S256") -> str:
+    return b64.encode(hashlib.new(THUMBPRINT_HASHES[hash_name], thumbprint_input(jwk)).digest())
+
+
+def thumbprints(jwk: JWK) -> list[str]:
+    """The key's thumbprint under every hash a client may use (S1 for old LUKS headers, S256 today...)."""
+    data = thumbprint_input(jwk)
+    return [b64.encode(hashlib.new(name, data).digest()) for name in THUMBPRINT_HASHES.values()]
+
+
+def permits(jwk: object, operation: str) -> bool:
+    """Whether a JWK allows `operation`, as the reference server decides it.
+
+    Measured against the reference: `key_ops` must be a list containing the operation; a key without
+    `key_ops` is permitted nothing when it has `use` (whatever its value) and everything when it has neither.
+    A non-string `use` next to `key_ops` makes the key unusable.
+    """
+    if not isinstance(jwk, dict):
+        return True  # an array has no members: nothing restricts it (it fails the shape check later)
+    if "use" in jwk and not isinstance(jwk["use"], str):
+        return False
+    if "key_ops" not in jwk:
+        return "use" not in jwk
+    ops = jwk["key_ops"]
+    return isinstance(ops, list) and operation in ops
+
+
+def public_form(jwk: JWK) -> dict[str, Any]:
+    """The advertised form: private members removed, private operations removed from `key_ops`."""
+    public = {name: value for name, value in jwk.items() if name not in _PRIVATE_MEMBERS}
+    if isinstance(public.get("key_ops"), list):
+        public["key_ops"] = [op for op in public["key_ops"] if op not in _PRIVATE_OPS]
+    return public

@@ -1,0 +1,245 @@
+"""An immutable snapshot of a key directory, with everything a request needs prepared in advance.
+
+Building a `KeySet` reads and parses the files, validates the exchange keys in Rust, computes the thumbprint
+index and signs the advertisement once per signing key. Serving from it is dictionary lookups: a request never
+reads a file, never signs and never builds JSON for `/adv`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jwcrypto import jwk as jwcrypto_jwk
+from jwcrypto import jws as jwcrypto_jws
+
+from . import b64, jwk
+from ._native import COORDINATE_LEN, ExchangeKey
+from .errors import InvalidKey, InvalidPoint
+
+logger = logging.getLogger(__name__)
+
+KEY_SUFFIX = ".jwk"
+
+#: Signature algorithm by curve for signing keys (the protected header's `alg` follows the key's curve).
+_SIGNING_ALGORITHMS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+
+
+class KeyKind(enum.Enum):
+    SIGNING = "signing"
+    EXCHANGE = "exchange"
+
+
+@dataclass(frozen=True, eq=False)
+class Key:
+    """One key file's key. `jwk` is the file's JSON object and may hold private members: never log it."""
+
+    name: str
+    hidden: bool
+    kind: KeyKind
+    jwk: Mapping[str, Any] = field(repr=False)
+    thumbprints: tuple[str, ...]
+    #: The Rust-held private scalar of a usable exchange key (None for signing keys and unusable ones).
+    exchange: ExchangeKey | None = field(default=None, repr=False)
+
+    @property
+    def kid(self) -> str:
+        """The S256 thumbprint, as generated file names and `show-keys` use."""
+        return self.thumbprints[2]
+
+
+@dataclass(frozen=True, eq=False)
+class KeySet:
+    """Everything served for one state of the key directory."""
+
+    keys: tuple[Key, ...]
+    by_thumbprint: Mapping[str, Key]
+    #: The default advertisement (`GET /adv`), or None when there is no visible signing key (answer 500).
+    default_advertisement: bytes | None
+    #: `GET /adv/{thp}` bodies for every signing key, visible or hidden, under all five thumbprints.
+    advertisements: Mapping[str, bytes]
+    #: Identifies exactly which keys are served and how (visible or hidden); equal across replicas in step.
+    digest: str
+    #: Human-readable reasons why this set cannot serve everything (logged, and shown by readiness).
+    problems: tuple[str, ...] = ()
+
+    @classmethod
+    def empty(cls) -> KeySet:
+        return build_keyset(())
+
+    def find(self, thumbprint: str) -> Key | None:
+        return self.by_thumbprint.get(thumbprint)
+
+    @property
+    def visible(self) -> tuple[Key, ...]:
+        return tuple(key for key in self.keys if not key.hidden)
+
+    @property
+    def hidden(self) -> tuple[Key, ...]:
+        return tuple(key for key in self.keys if key.hidden)
+
+
+def load_keyset(directory: Path) -> KeySet:
+    """Read a key directory into a key set. Raises OSError when the directory itself cannot be listed."""
+    return build_keyset(read_key_files(directory))
+
+
+def read_key_files(directory: Path) -> list[tuple[str, Mapping[str, Any]]]:
+    """Every `*.jwk` file that parses as a JSON object, sorted by name; other files are ignored.
+
+    A `.jwk` file that cannot be read or parsed (caught half written, say) is skipped with a warning: it will
+    be picked up by the reload that its completion triggers.
+    """
+    found = []
+    with os.scandir(directory) as entries:
+        names = sorted(entry.name for entry in entries if entry.name.endswith(KEY_SUFFIX))
+    for name in names:
+        path = directory / name
+        try:
+            data = path.read_bytes()
+            parsed = json.loads(data.decode("utf-8"))
+        except IsADirectoryError:
+            continue
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            logger.warning("skipping key file %s: %s", path, _describe(exc))
+            continue
+        if not isinstance(parsed, dict):
+            logger.warning("skipping key file %s: not a JSON object", path)
+            continue
+        found.append((name, parsed))
+    return found
+
+
+def _describe(exc: BaseException) -> str:
+    # JSON errors quote a window of the document, which could be key material: keep only the position.
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return type(exc).__name__
+
+
+def build_keyset(files: Iterable[tuple[str, Mapping[str, Any]]]) -> KeySet:
+    keys: list[Key] = []
+    problems: list[str] = []
+    for name, data in files:
+        key = _make_key(name, data)
+        if key is not None:
+            keys.append(key)
+    by_thumbprint: dict[str, Key] = {}
+    for key in keys:
+        for thp in key.thumbprints:
+            by_thumbprint.setdefault(thp, key)
+
+    visible_signing = [key for key in keys if key.kind is KeyKind.SIGNING and not key.hidden]
+    visible_exchange = [key for key in keys if key.kind is KeyKind.EXCHANGE and not key.hidden]
+    payload = _payload(visible_signing + visible_exchange)
+    signatures = _sign_payload(keys, payload)
+    default = _serialize(payload, signatures, visible_signing)
+    advertisements: dict[str, bytes] = {}
+    for key in keys:
+        if key.kind is KeyKind.SIGNING:
+            # As the reference does: every visible signer plus the requested one (so a visible key signs twice).
+            body = _serialize(payload, signatures, [*visible_signing, key])
+            assert body is not None
+            advertisements.update(dict.fromkeys(key.thumbprints, body))
+
+    if not visible_signing:
+        problems.append("no visible signing key: GET /adv answers 500")
+    elif not visible_exchange:
+        problems.append("no visible exchange key: clients cannot bind")
+    return KeySet(
+        keys=tuple(keys),
+        by_thumbprint=by_thumbprint,
+        default_advertisement=default,
+        advertisements=advertisements,
+        digest=keyset_digest(keys),
+        problems=tuple(problems),
+    )
+
+
+def keyset_digest(keys: Iterable[Key]) -> str:
+    """SHA-256 over the sorted (visibility, S256 thumbprint) pairs: stable across file names and load order."""
+    lines = sorted(f"{'hidden' if key.hidden else 'visible'} {key.kid}\n" for key in keys)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _make_key(name: str, data: Mapping[str, Any]) -> Key | None:
+    hidden = name.startswith(".")
+    if data.get("kty") != "EC" or not all(isinstance(data.get(m), str) for m in ("crv", "x", "y")):
+        logger.warning("skipping key file %s: not an EC key with crv, x and y", name)
+        return None
+    thumbprints = tuple(jwk.thumbprints(data))
+    if _is_exchange_key(data):
+        exchange = _exchange_key(name, data)
+        if exchange is None and "d" in data:
+            return None  # invalid private key: reported, not served
+        return Key(name, hidden, KeyKind.EXCHANGE, data, thumbprints, exchange)
+    if jwk.permits(data, "sign") and jwk.permits(data, "verify"):
+        if data["crv"] not in _SIGNING_ALGORITHMS or not isinstance(data.get("d"), str):
+            logger.warning("skipping key file %s: signing key without a usable private key", name)
+            return None
+        return Key(name, hidden, KeyKind.SIGNING, data, thumbprints)
+    logger.warning("skipping key file %s: neither a signing nor an exchange key", name)
+    return None
+
+
+def _is_exchange_key(data: Mapping[str, Any]) -> bool:
+    ops = data.get("key_ops")
+    return isinstance(ops, list) and "deriveKey" in ops
+
+
+def _exchange_key(name: str, data: Mapping[str, Any]) -> ExchangeKey | None:
+    """The Rust exchange key, or None when this key cannot answer recoveries (then `/rec` says 403)."""
+    if data.get("alg", "ECMR") != "ECMR" or not isinstance(data.get("d"), str):
+        return None
+    if data["crv"] != "P-521":
+        logger.warning("skipping key file %s: exchange keys must be on P-521", name)
+        return None
+    try:
+        d, x, y = (b64.decode(data[m]) for m in ("d", "x", "y"))
+        if not len(d) == len(x) == len(y) == COORDINATE_LEN:
+            raise InvalidKey("coordinates are not 66 bytes")
+        return ExchangeKey(d, x, y)
+    except (ValueError, InvalidKey, InvalidPoint) as exc:
+        logger.warning("skipping key file %s: invalid exchange key (%s)", name, type(exc).__name__)
+        return None
+
+
+def _payload(advertised: Iterable[Key]) -> bytes:
+    keys = [jwk.public_form(key.jwk) for key in advertised]
+    return json.dumps({"keys": keys}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _sign_payload(keys: Iterable[Key], payload: bytes) -> dict[Key, dict[str, str]]:
+    """One JWS signature (`protected` and `signature`, base64url) per signing key, made once per key set."""
+    signatures = {}
+    for key in keys:
+        if key.kind is not KeyKind.SIGNING:
+            continue
+        alg = _SIGNING_ALGORITHMS[key.jwk["crv"]]
+        protected = json.dumps({"alg": alg, "cty": "jwk-set+json"}, separators=(",", ":"))
+        token = jwcrypto_jws.JWS(payload)
+        token.add_signature(jwcrypto_jwk.JWK(**key.jwk), alg=alg, protected=protected)
+        flattened = json.loads(token.serialize())
+        signatures[key] = {"protected": flattened["protected"], "signature": flattened["signature"]}
+    return signatures
+
+
+def _serialize(payload: bytes, signatures: Mapping[Key, dict[str, str]], signers: list[Key]) -> bytes | None:
+    """Flattened JWS JSON for one signature, general JWS JSON for more, None for none."""
+    if not signers:
+        return None
+    encoded = b64.encode(payload)
+    if len(signers) == 1:
+        document: dict[str, Any] = {"payload": encoded, **signatures[signers[0]]}
+    else:
+        document = {"payload": encoded, "signatures": [signatures[key] for key in signers]}
+    return json.dumps(document, separators=(",", ":")).encode()

@@ -1,0 +1,70 @@
+"""The `/rec` exchange, with the reference server's checks in the reference server's order.
+
+A pure function of the key set, the key id and the request body, so the order of checks (which is observable:
+a malformed body to an unknown key id is 400, not 404) is tested without a network.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+
+from . import b64, jwk
+from ._native import COORDINATE_LEN
+from .errors import InvalidPoint
+from .keyset import KeyKind, KeySet
+
+_RESPONSE_PREFIX = b'{"alg":"ECMR","crv":"P-521","key_ops":["deriveKey"],"kty":"EC","x":"'
+_RESPONSE_MIDDLE = b'","y":"'
+_RESPONSE_SUFFIX = b'"}'
+
+
+def recover(keyset: KeySet, thumbprint: str, body: bytes) -> tuple[HTTPStatus, bytes]:
+    """Return the status and body of the answer to `POST /rec/{thumbprint}` with `body`."""
+    try:
+        request = json.loads(body.decode("utf-8"))  # strict UTF-8: a BOM is refused, as by the reference
+    except (UnicodeDecodeError, ValueError):
+        return HTTPStatus.BAD_REQUEST, b""
+    if not isinstance(request, dict | list):
+        return HTTPStatus.BAD_REQUEST, b""
+    if not jwk.permits(request, "deriveKey"):
+        return HTTPStatus.FORBIDDEN, b""
+    if (
+        not isinstance(request, dict)
+        or not isinstance(request.get("kty"), str)
+        or ("alg" in request and not isinstance(request["alg"], str))
+    ):
+        return HTTPStatus.BAD_REQUEST, b""
+    if request["kty"] != "EC" or request.get("alg", "ECMR") != "ECMR":
+        return HTTPStatus.BAD_REQUEST, b""
+    if not keyset.keys:
+        return HTTPStatus.INTERNAL_SERVER_ERROR, b""
+    key = keyset.find(thumbprint)
+    if key is None:
+        return HTTPStatus.NOT_FOUND, b""
+    if key.kind is not KeyKind.EXCHANGE or key.exchange is None:
+        return HTTPStatus.FORBIDDEN, b""
+    point = _client_point(request, key.jwk["crv"])
+    if point is None:
+        return HTTPStatus.BAD_REQUEST, b""
+    try:
+        x, y = key.exchange.exchange(*point)
+    except InvalidPoint:
+        return HTTPStatus.BAD_REQUEST, b""
+    return HTTPStatus.OK, b"".join(
+        (_RESPONSE_PREFIX, b64.encode(x).encode(), _RESPONSE_MIDDLE, b64.encode(y).encode(), _RESPONSE_SUFFIX)
+    )
+
+
+def _client_point(request: dict[str, object], curve: str) -> tuple[bytes, bytes] | None:
+    """The client's (x, y) as fixed-width big-endian bytes, or None when absent or malformed."""
+    x, y = request.get("x"), request.get("y")
+    if request.get("crv") != curve or not isinstance(x, str) or not isinstance(y, str):
+        return None
+    try:
+        coordinates = b64.decode(x), b64.decode(y)
+    except ValueError:
+        return None
+    if any(len(c) != COORDINATE_LEN for c in coordinates):
+        return None
+    return coordinates

@@ -1,0 +1,148 @@
+"""Running the application under uvicorn: listening (one or many workers), or on one inherited connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import logging.config
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+from typing import Any
+
+import uvicorn
+from uvicorn.server import ServerState
+
+from . import keyfiles
+from .app import TangApplication
+from .keystore import KeyStore
+from .protocol import TangHttpProtocol
+from .settings import ENVIRONMENT_VARIABLE, Settings
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_config(settings: Settings) -> dict[str, Any]:
+    """uvicorn's logging, with timestamps on every line (the reference's lines have none)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+        "loggers": {
+            "tang_server": {"handlers": ["stderr"], "level": settings.log_level.upper(), "propagate": False},
+            "uvicorn": {"handlers": ["stderr"], "level": settings.log_level.upper(), "propagate": False},
+            "uvicorn.access": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+        },
+    }
+
+
+def build_application(settings: Settings) -> TangApplication:
+    return TangApplication(KeyStore(settings.keys_dir, auto_keygen=settings.auto_keygen), settings)
+
+
+def create_app() -> TangApplication:
+    """uvicorn's application factory in each worker process; settings come from the environment."""
+    return build_application(Settings.from_environment())
+
+
+def uvicorn_config(settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        "tang_server.server:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        uds=settings.uds,
+        workers=settings.workers,
+        loop="uvloop",
+        http=TangHttpProtocol,
+        lifespan="off",
+        server_header=False,
+        access_log=settings.access_log,
+        log_config=log_config(settings),
+        proxy_headers=False,
+    )
+
+
+def serve(settings: Settings) -> None:
+    """Listen on a TCP port or a Unix socket with `settings.workers` processes until SIGTERM or SIGINT."""
+    logging.config.dictConfig(log_config(settings))
+    if settings.auto_keygen:
+        # Generate once here, before the workers start, rather than racing in every worker.
+        for path in keyfiles.ensure_keys(settings.keys_dir):
+            logger.info("generated key %s", path.name)
+    os.environ[ENVIRONMENT_VARIABLE] = settings.to_environment()
+    config = uvicorn_config(settings)
+    server = uvicorn.Server(config)
+    if settings.workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        Multiprocess(config, target=server.run, sockets=[config.bind_socket()]).run()
+    else:
+        server.run()
+
+
+def serve_connection(settings: Settings) -> None:
+    """Serve the HTTP connection on standard input and output, then exit (systemd Accept=yes, inetd, socat)."""
+    logging.config.dictConfig(log_config(settings))
+    application = build_application(settings)
+    config = uvicorn.Config(
+        application,
+        loop="uvloop",
+        http=TangHttpProtocol,
+        lifespan="off",
+        server_header=False,
+        access_log=settings.access_log,
+        log_config=log_config(settings),
+    )
+    config.load()
+    asyncio.run(_serve_one(config), loop_factory=_loop_factory())
+
+
+def _loop_factory() -> Any:
+    import uvloop
+
+    return uvloop.new_event_loop
+
+
+async def _serve_one(config: uvicorn.Config) -> None:
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[None] = loop.create_future()
+
+    class OneConnection(TangHttpProtocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            if not finished.done():
+                finished.set_result(None)
+
+    loop.add_signal_handler(signal.SIGTERM, lambda: finished.done() or finished.set_result(None))
+    protocol = OneConnection(config=config, server_state=ServerState(), app_state={})
+    await loop.connect_accepted_socket(lambda: protocol, _connection_socket())
+    await finished
+
+
+def _connection_socket() -> socket.socket:
+    """Standard input as a socket: itself when it is one (systemd, inetd), else a bridge to the pipes (socat)."""
+    if stat.S_ISSOCK(os.fstat(0).st_mode):
+        return socket.socket(fileno=os.dup(0))
+    ours, theirs = socket.socketpair()
+    threading.Thread(target=_pump_in, args=(theirs,), daemon=True).start()
+    threading.Thread(target=_pump_out, args=(theirs,), daemon=True).start()
+    return ours
+
+
+def _pump_in(bridge: socket.socket) -> None:
+    while data := os.read(0, 65536):
+        bridge.sendall(data)
+    bridge.shutdown(socket.SHUT_WR)
+
+
+def _pump_out(bridge: socket.socket) -> None:
+    while data := bridge.recv(65536):
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()

@@ -1,0 +1,44 @@
+"""Server settings: one frozen object, passed to worker processes through one environment variable."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Worker processes are started by uvicorn from an import string, so they read their settings from here.
+ENVIRONMENT_VARIABLE = "TANG_SERVER_SETTINGS"
+
+DEFAULT_PORT = 7500
+DEFAULT_MAX_TARGET_BYTES = 4096  # a request target this long or longer is 414, as in the reference
+DEFAULT_MAX_BODY_BYTES = 65536  # a body this long or longer is 413, as in the reference
+
+
+@dataclass(frozen=True)
+class Settings:
+    keys_dir: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    uds: str | None = None
+    workers: int = 1
+    #: Moves the Tang routes under `/{prefix}` (tangd -e). Empty: at the root.
+    prefix: str = ""
+    #: Generate a pair when the directory has no visible key (the reference's behaviour; off for replicas).
+    auto_keygen: bool = True
+    max_target_bytes: int = DEFAULT_MAX_TARGET_BYTES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    log_level: str = "info"
+    access_log: bool = True
+
+    def to_environment(self) -> str:
+        values = dataclasses.asdict(self)
+        values["keys_dir"] = str(self.keys_dir)
+        return json.dumps(values)
+
+    @classmethod
+    def from_environment(cls) -> Settings:
+        values = json.loads(os.environ[ENVIRONMENT_VARIABLE])
+        values["keys_dir"] = Path(values["keys_dir"])
+        return cls(**values)

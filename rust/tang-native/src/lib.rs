@@ -1,0 +1,64 @@
+//! `tang_server._native`: the Python face of the `tang-p521` engine.
+//!
+//! Deliberately narrow: fixed-width `bytes` go in and come out, the private scalar goes in once and stays in
+//! Rust, and every engine error becomes one of the exceptions defined in `tang_server.errors`.
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use tang_p521::{Coordinate, Error, COORDINATE_LEN};
+
+pyo3::import_exception!(tang_server.errors, InvalidPoint);
+pyo3::import_exception!(tang_server.errors, InvalidKey);
+
+fn to_py_err(error: Error) -> PyErr {
+    match error {
+        Error::CoordinateOutOfRange | Error::NotOnCurve | Error::PointAtInfinity => {
+            InvalidPoint::new_err(error.to_string())
+        }
+        Error::InvalidScalar | Error::KeyMismatch => InvalidKey::new_err(error.to_string()),
+        Error::Internal => pyo3::exceptions::PyRuntimeError::new_err(error.to_string()),
+    }
+}
+
+fn coordinate(name: &str, value: &[u8]) -> PyResult<Coordinate> {
+    value.try_into().map_err(|_| {
+        PyValueError::new_err(format!("{name} must be exactly {COORDINATE_LEN} bytes, got {}", value.len()))
+    })
+}
+
+/// A P-521 exchange (ECMR) private key. The scalar cannot be read back.
+#[pyclass(frozen, module = "tang_server._native")]
+struct ExchangeKey {
+    inner: tang_p521::ExchangeKey,
+}
+
+#[pymethods]
+impl ExchangeKey {
+    #[new]
+    fn new(d: &[u8], x: &[u8], y: &[u8]) -> PyResult<Self> {
+        let inner = tang_p521::ExchangeKey::new(&coordinate("d", d)?, &coordinate("x", x)?, &coordinate("y", y)?)
+            .map_err(to_py_err)?;
+        Ok(Self { inner })
+    }
+
+    /// `S * X` for the client's point `X = (x, y)`; returns the result's affine `(x, y)`, 66 bytes each.
+    fn exchange<'py>(&self, py: Python<'py>, x: &[u8], y: &[u8]) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let (x, y) = (coordinate("x", x)?, coordinate("y", y)?);
+        // The multiplication is the whole cost of a recovery: let other threads run meanwhile.
+        let (rx, ry) = py.detach(|| self.inner.exchange(&x, &y)).map_err(to_py_err)?;
+        Ok((PyBytes::new(py, &rx), PyBytes::new(py, &ry)))
+    }
+
+    fn __repr__(&self) -> &'static str {
+        "<ExchangeKey P-521>"
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<ExchangeKey>()?;
+    m.add("COORDINATE_LEN", COORDINATE_LEN)?;
+    m.add("ENGINE", "aws-lc")?;
+    Ok(())
+}
