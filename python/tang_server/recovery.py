@@ -10,8 +10,8 @@ import json
 from http import HTTPStatus
 
 from . import b64, jwk
-from ._native import COORDINATE_LEN
-from .errors import InvalidPoint
+from ._native import COORDINATE_LEN, ExchangeKey
+from .errors import InvalidKey, InvalidPoint
 from .keyset import KeyKind, KeySet
 
 _RESPONSE_PREFIX = b'{"alg":"ECMR","crv":"P-521","key_ops":["deriveKey"],"kty":"EC","x":"'
@@ -48,8 +48,10 @@ def recover(keyset: KeySet, thumbprint: str, body: bytes) -> tuple[HTTPStatus, b
     if point is None:
         return HTTPStatus.BAD_REQUEST, b""
     try:
+        if "d" in request:
+            _check_private_member(request["d"], *point)
         x, y = key.exchange.exchange(*point)
-    except InvalidPoint:
+    except (InvalidPoint, InvalidKey):
         return HTTPStatus.BAD_REQUEST, b""
     return HTTPStatus.OK, b"".join(
         (_RESPONSE_PREFIX, b64.encode(x).encode(), _RESPONSE_MIDDLE, b64.encode(y).encode(), _RESPONSE_SUFFIX)
@@ -59,12 +61,37 @@ def recover(keyset: KeySet, thumbprint: str, body: bytes) -> tuple[HTTPStatus, b
 def _client_point(request: dict[str, object], curve: str) -> tuple[bytes, bytes] | None:
     """The client's (x, y) as fixed-width big-endian bytes, or None when absent or malformed."""
     x, y = request.get("x"), request.get("y")
-    if request.get("crv") != curve or not isinstance(x, str) or not isinstance(y, str):
+    if request.get("crv") != curve:
+        return None
+    fixed_x, fixed_y = _fixed_width(x), _fixed_width(y)
+    if fixed_x is None or fixed_y is None:
+        return None
+    return fixed_x, fixed_y
+
+
+def _fixed_width(value: object) -> bytes | None:
+    """A base64url big-endian integer as exactly 66 bytes.
+
+    Like the reference (jose reads coordinates as integers of any length), a shorter or zero-padded longer
+    encoding of the same number is accepted; the number itself is validated in Rust.
+    """
+    if not isinstance(value, str):
         return None
     try:
-        coordinates = b64.decode(x), b64.decode(y)
+        number = b64.decode(value).lstrip(b"\0")
     except ValueError:
         return None
-    if any(len(c) != COORDINATE_LEN for c in coordinates):
+    if len(number) > COORDINATE_LEN:
         return None
-    return coordinates
+    return number.rjust(COORDINATE_LEN, b"\0")
+
+
+def _check_private_member(d: object, x: bytes, y: bytes) -> None:
+    """A request carrying its private `d` is accepted only when `d` belongs to the point, as the reference does.
+
+    Raises InvalidKey otherwise. The scalar goes into a Rust key that is wiped when dropped, here at once.
+    """
+    scalar = _fixed_width(d)
+    if scalar is None:
+        raise InvalidKey("private member is not a valid scalar")
+    ExchangeKey(scalar, x, y)

@@ -23,7 +23,10 @@ fn to_py_err(error: Error) -> PyErr {
 
 fn coordinate(name: &str, value: &[u8]) -> PyResult<Coordinate> {
     value.try_into().map_err(|_| {
-        PyValueError::new_err(format!("{name} must be exactly {COORDINATE_LEN} bytes, got {}", value.len()))
+        PyValueError::new_err(format!(
+            "{name} must be exactly {COORDINATE_LEN} bytes, got {}",
+            value.len()
+        ))
     })
 }
 
@@ -37,16 +40,27 @@ struct ExchangeKey {
 impl ExchangeKey {
     #[new]
     fn new(d: &[u8], x: &[u8], y: &[u8]) -> PyResult<Self> {
-        let inner = tang_p521::ExchangeKey::new(&coordinate("d", d)?, &coordinate("x", x)?, &coordinate("y", y)?)
-            .map_err(to_py_err)?;
+        let inner = tang_p521::ExchangeKey::new(
+            &coordinate("d", d)?,
+            &coordinate("x", x)?,
+            &coordinate("y", y)?,
+        )
+        .map_err(to_py_err)?;
         Ok(Self { inner })
     }
 
     /// `S * X` for the client's point `X = (x, y)`; returns the result's affine `(x, y)`, 66 bytes each.
-    fn exchange<'py>(&self, py: Python<'py>, x: &[u8], y: &[u8]) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    fn exchange<'py>(
+        &self,
+        py: Python<'py>,
+        x: &[u8],
+        y: &[u8],
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
         let (x, y) = (coordinate("x", x)?, coordinate("y", y)?);
         // The multiplication is the whole cost of a recovery: let other threads run meanwhile.
-        let (rx, ry) = py.detach(|| self.inner.exchange(&x, &y)).map_err(to_py_err)?;
+        let (rx, ry) = py
+            .detach(|| self.inner.exchange(&x, &y))
+            .map_err(to_py_err)?;
         Ok((PyBytes::new(py, &rx), PyBytes::new(py, &ry)))
     }
 

@@ -9,7 +9,10 @@ use tang_p521::ExchangeKey;
 include!("../tests/support/vectors.rs");
 
 fn main() {
-    let seconds: f64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let seconds: f64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     let key = ExchangeKey::new(&KEY_D, &KEY_X, &KEY_Y).expect("valid key");
     let start = Instant::now();
     let mut n = 0u64;
@@ -19,5 +22,8 @@ fn main() {
         }
         n += 20;
     }
-    println!("mul_per_second {:.1}", n as f64 / start.elapsed().as_secs_f64());
+    println!(
+        "mul_per_second {:.1}",
+        n as f64 / start.elapsed().as_secs_f64()
+    );
 }

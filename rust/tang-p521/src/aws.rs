@@ -25,7 +25,9 @@ impl BigNum {
 
     pub(crate) fn new() -> Result<Self, Error> {
         // SAFETY: no preconditions.
-        NonNull::new(unsafe { ffi::BN_new() }).map(Self).ok_or(Error::Internal)
+        NonNull::new(unsafe { ffi::BN_new() })
+            .map(Self)
+            .ok_or(Error::Internal)
     }
 
     pub(crate) fn as_ptr(&self) -> *mut ffi::BIGNUM {
@@ -55,7 +57,9 @@ pub(crate) struct Point(NonNull<ffi::EC_POINT>);
 impl Point {
     pub(crate) fn new() -> Result<Self, Error> {
         // SAFETY: the group is valid for the life of the process.
-        NonNull::new(unsafe { ffi::EC_POINT_new(p521()) }).map(Self).ok_or(Error::Internal)
+        NonNull::new(unsafe { ffi::EC_POINT_new(p521()) })
+            .map(Self)
+            .ok_or(Error::Internal)
     }
 
     /// A validated point from affine coordinates: below p and on the curve (so never the point at infinity).

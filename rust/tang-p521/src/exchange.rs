@@ -13,14 +13,20 @@ impl ExchangeKey {
     /// Validates the public point, the scalar's range and that the scalar generates the point.
     pub fn new(d: &Coordinate, x: &Coordinate, y: &Coordinate) -> Result<Self, Error> {
         let public = Point::from_affine(x, y)?;
-        Ok(Self { key: EcKey::from_parts(d, &public)? })
+        Ok(Self {
+            key: EcKey::from_parts(d, &public)?,
+        })
     }
 
     /// The McCallum-Relyea server step: `Y = S * X` for the client's point `X = (x, y)`.
     ///
     /// `X` is validated first (coordinates below p, on the curve); the multiplication is constant-time in the
     /// scalar. Returns both affine coordinates of `Y`.
-    pub fn exchange(&self, x: &Coordinate, y: &Coordinate) -> Result<(Coordinate, Coordinate), Error> {
+    pub fn exchange(
+        &self,
+        x: &Coordinate,
+        y: &Coordinate,
+    ) -> Result<(Coordinate, Coordinate), Error> {
         let point = Point::from_affine(x, y)?;
         self.key.multiply(&point)?.to_affine()
     }

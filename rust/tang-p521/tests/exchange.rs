@@ -9,7 +9,10 @@ include!("support/vectors.rs");
 
 fn affine(point: ProjectivePoint) -> (Coordinate, Coordinate) {
     let encoded = point.to_affine().to_encoded_point(false);
-    (encoded.x().unwrap()[..].try_into().unwrap(), encoded.y().unwrap()[..].try_into().unwrap())
+    (
+        encoded.x().unwrap()[..].try_into().unwrap(),
+        encoded.y().unwrap()[..].try_into().unwrap(),
+    )
 }
 
 fn scalar_bytes(s: &Scalar) -> Coordinate {
@@ -65,8 +68,14 @@ fn refuses_coordinates_at_or_above_the_prime() {
     above[0] = 0x02;
     for bad in [P, above, [0xff; 66]] {
         assert!(is_at_least_field_prime(&bad));
-        assert_eq!(key.exchange(&bad, &KEY_Y).unwrap_err(), Error::CoordinateOutOfRange);
-        assert_eq!(key.exchange(&KEY_X, &bad).unwrap_err(), Error::CoordinateOutOfRange);
+        assert_eq!(
+            key.exchange(&bad, &KEY_Y).unwrap_err(),
+            Error::CoordinateOutOfRange
+        );
+        assert_eq!(
+            key.exchange(&KEY_X, &bad).unwrap_err(),
+            Error::CoordinateOutOfRange
+        );
     }
     let mut below = P;
     below[65] = 0xfe;
@@ -92,17 +101,32 @@ fn refuses_points_off_the_curve_and_infinity() {
 #[test]
 fn refuses_invalid_scalars_and_mismatched_keys() {
     let zero = [0u8; 66];
-    assert_eq!(ExchangeKey::new(&zero, &KEY_X, &KEY_Y).unwrap_err(), Error::InvalidScalar);
+    assert_eq!(
+        ExchangeKey::new(&zero, &KEY_X, &KEY_Y).unwrap_err(),
+        Error::InvalidScalar
+    );
     let order_minus_one = scalar_bytes(&(-Scalar::ONE));
     let mut order = order_minus_one;
     order[65] += 1; // n - 1 ends in ...08, so n = ...09 without carry.
-    assert_eq!(ExchangeKey::new(&order, &KEY_X, &KEY_Y).unwrap_err(), Error::InvalidScalar);
-    assert_eq!(ExchangeKey::new(&[0xff; 66], &KEY_X, &KEY_Y).unwrap_err(), Error::InvalidScalar);
+    assert_eq!(
+        ExchangeKey::new(&order, &KEY_X, &KEY_Y).unwrap_err(),
+        Error::InvalidScalar
+    );
+    assert_eq!(
+        ExchangeKey::new(&[0xff; 66], &KEY_X, &KEY_Y).unwrap_err(),
+        Error::InvalidScalar
+    );
     let mut other = KEY_D;
     other[65] ^= 1;
-    assert_eq!(ExchangeKey::new(&other, &KEY_X, &KEY_Y).unwrap_err(), Error::KeyMismatch);
+    assert_eq!(
+        ExchangeKey::new(&other, &KEY_X, &KEY_Y).unwrap_err(),
+        Error::KeyMismatch
+    );
     let (gx, gy) = affine(ProjectivePoint::GENERATOR);
-    assert_eq!(ExchangeKey::new(&KEY_D, &gx, &gy).unwrap_err(), Error::KeyMismatch);
+    assert_eq!(
+        ExchangeKey::new(&KEY_D, &gx, &gy).unwrap_err(),
+        Error::KeyMismatch
+    );
 }
 
 #[test]
@@ -118,7 +142,9 @@ fn shared_across_threads() {
     let handles: Vec<_> = (0..4)
         .map(|_| {
             let key = key.clone();
-            std::thread::spawn(move || (0..20).all(|_| key.exchange(&gx, &gy).unwrap() == (KEY_X, KEY_Y)))
+            std::thread::spawn(move || {
+                (0..20).all(|_| key.exchange(&gx, &gy).unwrap() == (KEY_X, KEY_Y))
+            })
         })
         .collect();
     assert!(handles.into_iter().all(|h| h.join().unwrap()));

@@ -1,0 +1,162 @@
+"""Helpers shared by the tests: starting real servers on real sockets, speaking raw HTTP, playing the client."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tang_server import b64, jwk
+
+REFERENCE_TANGD = Path("/usr/libexec/tangd")
+REFERENCE_KEYGEN = Path("/usr/libexec/tangd-keygen")
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port}")
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running(command: Sequence[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for_port(port, process)
+        yield Server(f"http://127.0.0.1:{port}", port, process, log)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def our_server(keys: Path, log: Path, *extra: str, workers: int = 1) -> contextlib.AbstractContextManager[Server]:
+    port = free_port()
+    command = [str(BIN / "tang-server"), "serve", "--keys-dir", str(keys), "--port", str(port)]
+    return running([*command, "--workers", str(workers), *extra], port, log)
+
+
+def reference_server(keys: Path, log: Path) -> contextlib.AbstractContextManager[Server]:
+    """The reference C server, one process per connection through socat, as Debian's socket activation does."""
+    port = free_port()
+    command = ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"EXEC:{REFERENCE_TANGD} {keys}"]
+    return running(command, port, log)
+
+
+def raw_request(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send bytes on a fresh connection and return everything the server sends until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(data)
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def parse_response(data: bytes) -> Response:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return Response(status, headers, body)
+
+
+def request(port: int, method: str, target: str, body: bytes | None = None) -> Response:
+    """One HTTP/1.1 request with `Connection: close`, exactly as given (no normalisation of the target)."""
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+    return parse_response(raw_request(port, data))
+
+
+def load_keys(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (signing, exchange) key of a directory with exactly one of each (hidden or not)."""
+    keys = [json.loads(path.read_text()) for path in directory.iterdir() if path.name.endswith(".jwk")]
+    signing = [k for k in keys if "sign" in k.get("key_ops", [])]
+    exchange = [k for k in keys if "deriveKey" in k.get("key_ops", [])]
+    assert len(signing) == 1 and len(exchange) == 1, keys
+    return signing[0], exchange[0]
+
+
+def client_key(*, private: bool = False) -> dict[str, Any]:
+    """A fresh client ECMR key (what clevis sends: public members only, unless `private`)."""
+    numbers = ec.generate_private_key(ec.SECP521R1()).private_numbers()
+    key = {
+        "alg": "ECMR",
+        "crv": "P-521",
+        "kty": "EC",
+        "x": b64.encode(numbers.public_numbers.x.to_bytes(66, "big")),
+        "y": b64.encode(numbers.public_numbers.y.to_bytes(66, "big")),
+    }
+    if private:
+        key["d"] = b64.encode(numbers.private_value.to_bytes(66, "big"))
+    return key
+
+
+def thumbprint(key: dict[str, Any], hash_name: str = "S256") -> str:
+    return jwk.thumbprint(key, hash_name)
+
+
+def reference_keygen(directory: Path) -> None:
+    """Keys made by the reference's own tool (it warns when it cannot chown to _tang; that is fine)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(REFERENCE_KEYGEN), str(directory)], check=True, capture_output=True)
+
+
+def require_tools(*names: str) -> None:
+    """Interop tools are installed by `make test`; their absence is a broken setup, never a skip."""
+    missing = [name for name in names if shutil.which(name) is None and not Path(name).exists()]
+    assert not missing, f"missing tools (make test installs them): {missing}"
