@@ -65,7 +65,7 @@ def directory(tmp_path: Path) -> dict[str, Any]:
     return {"path": keys_dir, "visible": pairs[:2], "hidden": pairs[2]}
 
 
-def test_default_advertisement_signed_by_every_visible_signing_key(directory: dict[str, Any], tmp_path: Path):
+def test_default_advertisement_signed_by_every_visible_signing_key(directory: dict[str, Any], tmp_path: Path) -> None:
     visible_signing = [pair[0] for pair in directory["visible"]]
     all_signing = [*visible_signing, directory["hidden"][0]]
     with our_server(directory["path"], tmp_path / "log") as server:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from .support import (
+    BIN,
     client_key,
     free_port,
     load_keys,
@@ -21,7 +22,6 @@ from .support import (
     require_tools,
     running,
     thumbprint,
-    BIN,
 )
 
 HASHES = ["S1", "S224", "S256", "S384", "S512"]
@@ -66,7 +66,15 @@ def encrypt_fails(url: str, **config: str) -> int:
 def test_decrypt_fails_once_the_key_is_gone(keys: Path, tmp_path: Path) -> None:
     """The oracle can fail: with the exchange key deleted, the same JWE no longer decrypts."""
     port = free_port()
-    command = [str(BIN / "tang-server"), "serve", "--keys-dir", str(keys), "--port", str(port), "--no-auto-keygen"]
+    command = [
+        str(BIN / "tang-server"),
+        "serve",
+        "--keys-dir",
+        str(keys),
+        "--port",
+        str(port),
+        "--no-auto-keygen",
+    ]
     with running(command, port, tmp_path / "log1") as server:
         jwe = encrypt(server.url, b"gone")
     _, exchange = load_keys(keys)
@@ -81,8 +89,11 @@ def test_reference_keys_and_cross_decryption(reference_keys: Path, tmp_path: Pat
     """A JWE bound against the reference decrypts against ours on the same keys, and the other way round."""
     port = free_port()
     ours = [str(BIN / "tang-server"), "serve", "--keys-dir", str(reference_keys), "--port", str(port)]
-    reference = ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
-                 f"EXEC:/usr/libexec/tangd {reference_keys}"]
+    reference = [
+        "socat",
+        f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
+        f"EXEC:/usr/libexec/tangd {reference_keys}",
+    ]
     url = f"http://127.0.0.1:{port}"
     with running(reference, port, tmp_path / "ref1"):
         from_reference = encrypt(url, b"made with the reference")
@@ -101,8 +112,17 @@ def _jose_exchange(client: Path, server_key: dict[str, object], tmp_path: Path) 
     """
     server_file = tmp_path / "server.jwk"
     server_file.write_text(json.dumps(server_key))
-    command = ["jose", "jwk", "exc", "-i", '{"alg":"ECMR","key_ops":["deriveKey"]}', "-l", str(server_file), "-r",
-               str(client)]
+    command = [
+        "jose",
+        "jwk",
+        "exc",
+        "-i",
+        '{"alg":"ECMR","key_ops":["deriveKey"]}',
+        "-l",
+        str(server_file),
+        "-r",
+        str(client),
+    ]
     return subprocess.run(command, check=True, capture_output=True).stdout
 
 

@@ -15,7 +15,16 @@ import pytest
 
 from tang_server import b64
 
-from .support import Server, client_key, load_keys, our_server, reference_server, request, require_tools, thumbprint
+from .support import (
+    Server,
+    client_key,
+    load_keys,
+    our_server,
+    reference_server,
+    request,
+    require_tools,
+    thumbprint,
+)
 
 UNKNOWN = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 P = "Af" + "_" * 86  # 0x01ff..ff = p: not a valid coordinate
@@ -81,8 +90,12 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], bytes], str, int]] = [
     ("valid-short-x", _trimmed("x"), "exc", 200),
     ("valid-zero-padded-x", lambda c: json.dumps({**c, "x": "AAAA" + c["x"]}).encode(), "exc", 200),
     ("valid-trailing-whitespace", lambda c: json.dumps(c).encode() + b" \n\t\r\n", "exc", 200),
-    ("valid-duplicate-member-last-wins", lambda c: json.dumps(c).encode().replace(b'"kty"', b'"kty":"oct","kty"'),
-     "exc", 200),
+    (
+        "valid-duplicate-member-last-wins",
+        lambda c: json.dumps(c).encode().replace(b'"kty"', b'"kty":"oct","kty"'),
+        "exc",
+        200,
+    ),
     ("1-not-json", _raw("not json"), "exc", 400),
     ("1-empty", _raw(""), "exc", 400),
     ("1-string", _raw('"x"'), "exc", 400),
@@ -90,7 +103,12 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], bytes], str, int]] = [
     ("1-number", _raw("5"), "exc", 400),
     ("1-bom", lambda c: b"\xef\xbb\xbf" + json.dumps(c).encode(), "exc", 400),
     ("1-trailing-garbage", lambda c: json.dumps(c).encode() + b"x", "exc", 400),
-    ("1-invalid-utf8", _raw('{"kty":"EC\udcff"}'.encode("utf-8", "surrogateescape").decode("latin-1")), "exc", 400),
+    (
+        "1-invalid-utf8",
+        _raw('{"kty":"EC\udcff"}'.encode("utf-8", "surrogateescape").decode("latin-1")),
+        "exc",
+        400,
+    ),
     ("1-before-404", _raw("not json"), "unknown", 400),
     ("2-key-ops-without-derive", _body(key_ops=["sign"]), "exc", 403),
     ("2-key-ops-empty", _body(key_ops=[]), "exc", 403),
@@ -123,8 +141,12 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], bytes], str, int]] = [
     ("9-no-y", _body(y=_DROP), "exc", 400),
     ("9-x-not-string", _body(x=5), "exc", 400),
     ("9-padding", lambda c: json.dumps({**c, "x": c["x"] + "=="}).encode(), "exc", 400),
-    ("9-plus-slash", lambda c: json.dumps({**c, "x": c["x"].replace("-", "+").replace("_", "/")}).encode(), "exc",
-     400),
+    (
+        "9-plus-slash",
+        lambda c: json.dumps({**c, "x": c["x"].replace("-", "+").replace("_", "/")}).encode(),
+        "exc",
+        400,
+    ),
     ("9-off-curve", _last_bit_flipped("y"), "exc", 400),
     ("9-x-is-p", _body(x=P), "exc", 400),
     ("9-infinity-zero", _body(x="A" * 88, y="A" * 88), "exc", 400),
@@ -161,7 +183,10 @@ def reference(key_ids: tuple[Path, dict[str, str]], tmp_path_factory: pytest.Tem
 
 @pytest.mark.parametrize(("body", "kid", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_our_status(
-    ours: Server, key_ids: tuple[Path, dict[str, str]], body: Callable[[dict[str, Any]], bytes], kid: str,
+    ours: Server,
+    key_ids: tuple[Path, dict[str, str]],
+    body: Callable[[dict[str, Any]], bytes],
+    kid: str,
     expected: int,
 ) -> None:
     response = request(ours.port, "POST", f"/rec/{key_ids[1][kid]}", body(client_key()))
@@ -173,7 +198,10 @@ def test_our_status(
 
 @pytest.mark.parametrize(("body", "kid", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_reference_agrees(
-    reference: Server, key_ids: tuple[Path, dict[str, str]], body: Callable[[dict[str, Any]], bytes], kid: str,
+    reference: Server,
+    key_ids: tuple[Path, dict[str, str]],
+    body: Callable[[dict[str, Any]], bytes],
+    kid: str,
     expected: int,
 ) -> None:
     """The expectations themselves, checked against the reference server: the table cannot drift from it."""

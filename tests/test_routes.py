@@ -7,8 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from .support import Server, client_key, load_keys, our_server, raw_request, parse_response, request, thumbprint
-
+from .support import (
+    Server,
+    client_key,
+    load_keys,
+    our_server,
+    parse_response,
+    raw_request,
+    request,
+    thumbprint,
+)
 
 
 def load_keys_visible(directory: Path) -> tuple[dict[str, object], dict[str, object]]:
@@ -36,7 +44,19 @@ def test_default_advertisement_with_elastic_slashes(shared_server: Server, targe
 
 @pytest.mark.parametrize(
     "target",
-    ["/", "/adv?x=1", "/adv?", "/ADV", "/rec", "/rec/", "/adv/a/b", "/adv/a%2Fb", "/adv/x!", "/advx", "/xadv"],
+    [
+        "/",
+        "/adv?x=1",
+        "/adv?",
+        "/ADV",
+        "/rec",
+        "/rec/",
+        "/adv/a/b",
+        "/adv/a%2Fb",
+        "/adv/x!",
+        "/advx",
+        "/xadv",
+    ],
 )
 def test_anything_else_is_404_with_empty_body(shared_server: Server, target: str) -> None:
     for method in ("GET", "POST"):
@@ -52,8 +72,15 @@ def test_absolute_form_target_is_404(shared_server: Server) -> None:
 
 @pytest.mark.parametrize(
     ("method", "target"),
-    [("POST", "/adv"), ("HEAD", "/adv"), ("PUT", "/adv/"), ("DELETE", "/adv/abc"), ("GET", "/rec/abc"),
-     ("HEAD", "/rec/abc"), ("PUT", "//rec//abc")],
+    [
+        ("POST", "/adv"),
+        ("HEAD", "/adv"),
+        ("PUT", "/adv/"),
+        ("DELETE", "/adv/abc"),
+        ("GET", "/rec/abc"),
+        ("HEAD", "/rec/abc"),
+        ("PUT", "//rec//abc"),
+    ],
 )
 def test_matching_route_with_wrong_method_is_405(shared_server: Server, method: str, target: str) -> None:
     response = request(shared_server.port, method, target, b"{}" if method in ("POST", "PUT") else None)
@@ -98,8 +125,12 @@ def test_body_of_65536_bytes_is_413_and_65535_is_not(shared_server: Server, kids
 def test_chunked_body_over_the_limit_is_413(shared_server: Server, kids: dict[str, str]) -> None:
     chunk = b"%x\r\n%s\r\n" % (40000, b" " * 40000)
     data = (
-        f"POST /rec/{kids['exc']} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-    ).encode() + chunk * 2 + b"0\r\n\r\n"
+        (
+            f"POST /rec/{kids['exc']} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        ).encode()
+        + chunk * 2
+        + b"0\r\n\r\n"
+    )
     assert parse_response(raw_request(shared_server.port, data)).status == 413
 
 
@@ -116,7 +147,11 @@ def test_chunked_body_and_http_1_0_are_accepted(shared_server: Server, kids: dic
 
 def test_any_content_type_or_none(shared_server: Server, kids: dict[str, str]) -> None:
     body = json.dumps(client_key()).encode()
-    for content_type in ("", "Content-Type: text/plain\r\n", "Content-Type: application/x-www-form-urlencoded\r\n"):
+    for content_type in (
+        "",
+        "Content-Type: text/plain\r\n",
+        "Content-Type: application/x-www-form-urlencoded\r\n",
+    ):
         data = (
             f"POST /rec/{kids['exc']} HTTP/1.1\r\nHost: x\r\n{content_type}Content-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n"

@@ -1,3 +1,5 @@
+__all__ = ["COORDINATE_LEN", "ENGINE", "ExchangeKey"]
+
 from typing import Final, final
 
 COORDINATE_LEN: Final[int]

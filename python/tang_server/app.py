@@ -12,7 +12,8 @@ import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
-from starlette.routing import BaseRoute, Match, Router
+from starlette.datastructures import URLPath
+from starlette.routing import BaseRoute, Match, NoMatchFound, Router
 from starlette.types import Receive, Scope, Send
 
 from .keystore import KeyStore
@@ -58,8 +59,8 @@ class TangRoute(BaseRoute):
             return
         await self.handler(scope, receive, send, scope["path_params"]["thp"])
 
-    def url_path_for(self, name: str, /, **path_params: object) -> object:  # pragma: no cover - unused
-        raise NotImplementedError
+    def url_path_for(self, name: str, /, **path_params: object) -> URLPath:  # pragma: no cover - unused
+        raise NoMatchFound(name, path_params)
 
 
 async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
@@ -125,7 +126,7 @@ def _declared_length(scope: Scope) -> int:
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
     """The whole request body, or None once it reaches `limit` bytes (chunked bodies have no declared length)."""
-    chunks = []
+    chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()

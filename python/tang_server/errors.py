@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 
-class InvalidPoint(ValueError):  # noqa: N818 - mirrors the engine's vocabulary
+class InvalidPoint(ValueError):
     """A client's point is not a valid P-521 point (off the curve, a coordinate >= p, or infinity)."""
 
 
-class InvalidKey(ValueError):  # noqa: N818
+class InvalidKey(ValueError):
     """A key's private scalar is out of range or does not belong to its public point."""

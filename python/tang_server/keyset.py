@@ -97,7 +97,7 @@ def read_key_files(directory: Path) -> list[tuple[str, Mapping[str, Any]]]:
     A `.jwk` file that cannot be read or parsed (caught half written, say) is skipped with a warning: it will
     be picked up by the reload that its completion triggers.
     """
-    found = []
+    found: list[tuple[str, Mapping[str, Any]]] = []
     with os.scandir(directory) as entries:
         names = sorted(entry.name for entry in entries if entry.name.endswith(KEY_SUFFIX))
     for name in names:

@@ -9,6 +9,7 @@ seen by that request, as with the reference server, which re-reads the directory
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 from pathlib import Path
@@ -88,10 +89,8 @@ class KeyStore:
             if event.mask & (flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF):
                 # The directory went away or moved: watch the path again once something is there.
                 if self._watch is not None:
-                    try:
+                    with contextlib.suppress(OSError):  # already gone with the directory
                         self._inotify.rm_watch(self._watch)
-                    except OSError:
-                        pass
                 self._watch = None
 
     def close(self) -> None:

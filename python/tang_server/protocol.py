@@ -14,5 +14,5 @@ from .app import RAW_TARGET_EXTENSION
 
 class TangHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
-        self.scope["extensions"] = {RAW_TARGET_EXTENSION: self.url}  # type: ignore[typeddict-unknown-key]
+        self.scope["extensions"] = {RAW_TARGET_EXTENSION: self.url}  # type: ignore[dict-item]
         super().on_headers_complete()

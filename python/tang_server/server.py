@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 import uvicorn
+import uvloop
 from uvicorn.server import ServerState
 
 from . import keyfiles
@@ -77,6 +78,9 @@ def serve(settings: Settings) -> None:
         for path in keyfiles.ensure_keys(settings.keys_dir):
             logger.info("generated key %s", path.name)
     os.environ[ENVIRONMENT_VARIABLE] = settings.to_environment()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the previous handler: make that an exit
+    # with status 0, as service managers and `tangd` users expect from a clean stop.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     config = uvicorn_config(settings)
     server = uvicorn.Server(config)
     if settings.workers > 1:
@@ -85,6 +89,10 @@ def serve(settings: Settings) -> None:
         Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:
         server.run()
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def serve_connection(settings: Settings) -> None:
@@ -101,26 +109,39 @@ def serve_connection(settings: Settings) -> None:
         log_config=log_config(settings),
     )
     config.load()
-    asyncio.run(_serve_one(config), loop_factory=_loop_factory())
-
-
-def _loop_factory() -> Any:
-    import uvloop
-
-    return uvloop.new_event_loop
+    uvloop.run(_serve_one(config))
 
 
 async def _serve_one(config: uvicorn.Config) -> None:
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[None] = loop.create_future()
 
+    def stop() -> None:
+        if not finished.done():
+            finished.set_result(None)
+
     class OneConnection(TangHttpProtocol):
+        """The inherited connection; a client that half-closes still gets every answer it asked for."""
+
+        client_done = False
+
+        def eof_received(self) -> bool:  # type: ignore[override]  # asyncio allows True: keep writing
+            self.client_done = True
+            return not self.idle()  # True keeps our sending side open until the answers are out
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.client_done and self.idle():
+                self.transport.close()
+
+        def idle(self) -> bool:
+            return not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+
         def connection_lost(self, exc: Exception | None) -> None:
             super().connection_lost(exc)
-            if not finished.done():
-                finished.set_result(None)
+            stop()
 
-    loop.add_signal_handler(signal.SIGTERM, lambda: finished.done() or finished.set_result(None))
+    loop.add_signal_handler(signal.SIGTERM, stop)
     protocol = OneConnection(config=config, server_state=ServerState(), app_state={})
     await loop.connect_accepted_socket(lambda: protocol, _connection_socket())
     await finished
