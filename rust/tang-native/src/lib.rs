@@ -7,6 +7,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use tang_p521::{Coordinate, Error, COORDINATE_LEN};
+use zeroize::Zeroizing;
 
 pyo3::import_exception!(tang_server.errors, InvalidPoint);
 pyo3::import_exception!(tang_server.errors, InvalidKey);
@@ -40,12 +41,11 @@ struct ExchangeKey {
 impl ExchangeKey {
     #[new]
     fn new(d: &[u8], x: &[u8], y: &[u8]) -> PyResult<Self> {
-        let inner = tang_p521::ExchangeKey::new(
-            &coordinate("d", d)?,
-            &coordinate("x", x)?,
-            &coordinate("y", y)?,
-        )
-        .map_err(to_py_err)?;
+        // Our copy of the scalar is wiped when it goes out of scope; AWS-LC wipes its own when the key is freed.
+        let scalar = Zeroizing::new(coordinate("d", d)?);
+        let inner =
+            tang_p521::ExchangeKey::new(&scalar, &coordinate("x", x)?, &coordinate("y", y)?)
+                .map_err(to_py_err)?;
         Ok(Self { inner })
     }
 

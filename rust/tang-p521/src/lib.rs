@@ -8,7 +8,8 @@
 //! chosen by measurement against OpenSSL and RustCrypto; see `bench/p521-candidates`.
 //!
 //! Secrets never leave this crate: an [`ExchangeKey`] is built once from the private scalar bytes, keeps the
-//! scalar inside AWS-LC (which wipes it when freed) and has no accessor or `Debug` output for it.
+//! scalar inside AWS-LC (whose allocator wipes memory when it is freed; the temporary `BIGNUM` is cleared too)
+//! and has no accessor or `Debug` output for it.
 
 mod aws;
 mod exchange;
