@@ -25,7 +25,7 @@ def test_hide_delete_add_seen_by_next_request(keys: Path, tmp_path: Path) -> Non
     rec = f"/rec/{thumbprint(exchange)}"
     body = json.dumps(client_key()).encode()
     with our_server(keys, tmp_path / "log", "--no-auto-keygen", workers=2) as server:
-        for _ in range(15):
+        for _ in range(60):
             # hide the exchange key: not advertised, still answers /rec
             os.rename(keys / exc_name, keys / f".{exc_name}")
             assert thumbprint(exchange) not in _advertised(server.port)

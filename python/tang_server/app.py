@@ -8,18 +8,21 @@ paths, so the Tang routes are `TangRoute`s that implement exactly the reference'
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 from starlette.datastructures import URLPath
 from starlette.routing import BaseRoute, Match, NoMatchFound, Router
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from .keystore import KeyStore
 from .recovery import recover
 from .responses import ADVERTISEMENT_TYPE, RECOVERY_TYPE, reply
 from .settings import Settings
+
+logger = logging.getLogger(__name__)
 
 Handler = Callable[[Scope, Receive, Send, str], Awaitable[None]]
 
@@ -93,10 +96,23 @@ class TangApplication:
             if _declared_length(scope) >= self.settings.max_body_bytes:
                 await reply(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
                 return
-        await self.router(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.router(scope, receive, tracking_send)
+        except Exception:
+            # A bug must not become a response with a body (or a traceback): log it, answer an empty 500.
+            logger.exception("error answering %s", scope.get("method"))
+            if not started and scope["type"] == "http":
+                await reply(send, HTTPStatus.INTERNAL_SERVER_ERROR)
 
     async def advertise(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
-        keyset = self.store.keyset
+        keyset = await self.store.current()
         body = keyset.advertisements.get(thp) if thp else keyset.default_advertisement
         if body is not None:
             await reply(send, HTTPStatus.OK, body, ADVERTISEMENT_TYPE)
@@ -110,7 +126,7 @@ class TangApplication:
         if body is None:
             await reply(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             return
-        status, answer = recover(self.store.keyset, thp, body)
+        status, answer = recover(await self.store.current(), thp, body)
         await reply(send, status, answer, RECOVERY_TYPE if status == HTTPStatus.OK else None)
 
 

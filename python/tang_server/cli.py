@@ -43,6 +43,12 @@ def parser() -> argparse.ArgumentParser:
         default=True,
         help="generate a key pair when the directory has no visible key (default: on; turn off for replicas)",
     )
+    serve.add_argument(
+        "--recheck-seconds",
+        type=float,
+        default=30.0,
+        help="re-read the key directory this often even without inotify events (default: %(default)s)",
+    )
     serve.add_argument("--max-target-bytes", type=positive, default=DEFAULT_MAX_TARGET_BYTES)
     serve.add_argument("--max-body-bytes", type=positive, default=DEFAULT_MAX_BODY_BYTES)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -73,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 workers=args.workers,
                 prefix=args.prefix,
                 auto_keygen=args.auto_keygen,
+                recheck_seconds=args.recheck_seconds,
                 max_target_bytes=args.max_target_bytes,
                 max_body_bytes=args.max_body_bytes,
                 log_level=args.log_level,

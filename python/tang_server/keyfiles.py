@@ -105,8 +105,10 @@ def generate_keys(directory: Path) -> list[Path]:
 
 
 def ensure_keys(directory: Path) -> list[Path]:
-    """The reference's behaviour on a directory without a visible key: generate a pair. Returns what it wrote."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """The reference's behaviour on a directory without a visible key: generate a pair. Returns what it wrote.
+
+    The directory must exist: a key directory that disappeared is an accident to report, not to paper over.
+    """
     with directory_lock(directory):
         if any(not key.hidden for key in load_keyset(directory).keys):
             return []

@@ -69,6 +69,8 @@ class KeySet:
     digest: str
     #: Human-readable reasons why this set cannot serve everything (logged, and shown by readiness).
     problems: tuple[str, ...] = ()
+    #: What the key files looked like when read (see `DirectoryScan`), to notice changes cheaply.
+    fingerprint: tuple[tuple[str, int, int, int], ...] = field(default=(), repr=False)
 
     @classmethod
     def empty(cls) -> KeySet:
@@ -86,35 +88,66 @@ class KeySet:
         return tuple(key for key in self.keys if key.hidden)
 
 
-def load_keyset(directory: Path) -> KeySet:
-    """Read a key directory into a key set. Raises OSError when the directory itself cannot be listed."""
-    return build_keyset(read_key_files(directory))
+def load_keyset(directory: Path, previous: KeySet | None = None) -> KeySet:
+    """Read a key directory into a key set.
 
-
-def read_key_files(directory: Path) -> list[tuple[str, Mapping[str, Any]]]:
-    """Every `*.jwk` file that parses as a JSON object, sorted by name; other files are ignored.
-
-    A `.jwk` file that cannot be read or parsed (caught half written, say) is skipped with a warning: it will
-    be picked up by the reload that its completion triggers.
+    Raises OSError when the directory, or a key file in it, cannot be read: the caller keeps its last set
+    rather than serving one with keys silently missing. A key file that is caught half written is skipped,
+    except that a file which held a key in `previous` keeps that key until it parses again: an accident in
+    progress never changes what is served.
     """
-    found: list[tuple[str, Mapping[str, Any]]] = []
+    scan = scan_directory(directory)
+    files = dict(scan.files)
+    if previous is not None:
+        for key in previous.keys:
+            if key.name in scan.unparsable:
+                files[key.name] = key.jwk
+    return build_keyset(sorted(files.items()), fingerprint=scan.fingerprint)
+
+
+@dataclass(frozen=True)
+class DirectoryScan:
+    #: The `*.jwk` files that parse as JSON objects, by name.
+    files: Mapping[str, Mapping[str, Any]]
+    #: `*.jwk` files present but not (yet) a JSON object.
+    unparsable: frozenset[str]
+    #: (name, inode, size, mtime) of every `*.jwk` file: changes whenever any of them does.
+    fingerprint: tuple[tuple[str, int, int, int], ...]
+
+
+def scan_directory(directory: Path) -> DirectoryScan:
+    """Read every `*.jwk` file (following symlinks, as in a Kubernetes Secret volume); ignore other entries."""
+    files: dict[str, Mapping[str, Any]] = {}
+    unparsable: set[str] = set()
+    fingerprint = []
     with os.scandir(directory) as entries:
         names = sorted(entry.name for entry in entries if entry.name.endswith(KEY_SUFFIX))
     for name in names:
         path = directory / name
         try:
-            data = path.read_bytes()
+            with path.open("rb") as file:
+                status = os.fstat(file.fileno())
+                data = file.read()
+        except (FileNotFoundError, IsADirectoryError):
+            continue  # deleted since the listing (its deletion triggers another scan), or not a file
+        fingerprint.append((name, status.st_ino, status.st_size, status.st_mtime_ns))
+        try:
             parsed = json.loads(data.decode("utf-8"))
-        except IsADirectoryError:
-            continue
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError) as exc:
             logger.warning("skipping key file %s: %s", path, _describe(exc))
+            unparsable.add(name)
             continue
         if not isinstance(parsed, dict):
             logger.warning("skipping key file %s: not a JSON object", path)
+            unparsable.add(name)
             continue
-        found.append((name, parsed))
-    return found
+        files[name] = parsed
+    return DirectoryScan(files, frozenset(unparsable), tuple(fingerprint))
+
+
+def read_key_files(directory: Path) -> list[tuple[str, Mapping[str, Any]]]:
+    """Every `*.jwk` file that parses as a JSON object, sorted by name."""
+    return sorted(scan_directory(directory).files.items())
 
 
 def _describe(exc: BaseException) -> str:
@@ -126,7 +159,9 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def build_keyset(files: Iterable[tuple[str, Mapping[str, Any]]]) -> KeySet:
+def build_keyset(
+    files: Iterable[tuple[str, Mapping[str, Any]]], fingerprint: tuple[tuple[str, int, int, int], ...] = ()
+) -> KeySet:
     keys: list[Key] = []
     problems: list[str] = []
     for name, data in files:
@@ -162,6 +197,7 @@ def build_keyset(files: Iterable[tuple[str, Mapping[str, Any]]]) -> KeySet:
         advertisements=advertisements,
         digest=keyset_digest(keys),
         problems=tuple(problems),
+        fingerprint=fingerprint,
     )
 
 

@@ -1,23 +1,33 @@
-"""The live key set of one worker process: the key directory watched with inotify, re-read when it changes.
+"""The live key set of one worker process: the key directory watched with inotify, rebuilt off the request path.
 
-Freshness without a cost per request: the kernel queues an inotify event synchronously inside the system call
-that changes the directory (rename, unlink, create, close after write). So before answering, a request asks the
-inotify descriptor whether anything is queued, one `poll` with a zero timeout (about a microsecond); if so the
-set is rebuilt before the request is answered. A change completed before a request arrived is therefore always
-seen by that request, as with the reference server, which re-reads the directory every time.
+Freshness at almost no cost per request. The kernel queues an inotify event synchronously inside the system call
+that changes the directory (create, rename, unlink, close after writing, the kubelet's `..data` swap), so:
+
+- a watcher thread waits on the inotify descriptor and, holding `_lock`, drains the events, rebuilds the key
+  set and swaps it in whole;
+- before answering, a request checks that nothing is queued (`poll` with a zero timeout) and *then* that the
+  lock is free. Events are only drained under the lock, so if both hold, every change completed before the
+  request arrived is already in the served set. Otherwise the request waits for the rebuild (in a thread, so
+  the event loop keeps serving). Both checks together cost about a microsecond.
+
+A periodic re-check catches what inotify cannot see (writers on other hosts of a network file system) and
+re-arms the watch when the directory itself was removed and comes back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import select
+import threading
+import time
 from pathlib import Path
 
 from inotify_simple import INotify, flags
 
 from . import keyfiles
-from .keyset import KeySet, load_keyset
+from .keyset import KeySet, load_keyset, scan_directory
 
 logger = logging.getLogger(__name__)
 
@@ -33,28 +43,101 @@ _WATCH_FLAGS = (
     | flags.MOVE_SELF
     | flags.ONLYDIR
 )
+_WATCH_GONE = flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF
+
+#: While the directory cannot be watched (removed, not yet created), look for it this often.
+_MISSING_RETRY_SECONDS = 0.5
+
+DEFAULT_RECHECK_SECONDS = 30.0
 
 
 class KeyStore:
-    def __init__(self, directory: Path, *, auto_keygen: bool) -> None:
+    def __init__(self, directory: Path, *, auto_keygen: bool, recheck_seconds: float = DEFAULT_RECHECK_SECONDS) -> None:
         self.directory = directory
         self.auto_keygen = auto_keygen
+        self.recheck_seconds = recheck_seconds
         self._inotify = INotify()
-        self._poll = select.poll()
-        self._poll.register(self._inotify.fileno(), select.POLLIN)
+        # A poll object must not be used by two threads at once, so there is one per context: the event loop's
+        # thread (`is_fresh`), the watcher's wait, and whoever holds `_lock`.
+        self._loop_poll = self._poller()
+        self._watcher_poll = self._poller()
+        self._locked_poll = self._poller()
+        self._lock = threading.Lock()
         self._watch: int | None = None
         self._keyset = KeySet.empty()
-        self.reload()
+        #: Why the directory could not be read last time, or None when the last read succeeded.
+        self.failure: str | None = None
+        #: time.time() of the last successful load (None before the first).
+        self.loaded_at: float | None = None
+        self.reload_failures = 0
+        with self._lock:
+            self._reload_locked()
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_loop, name="tang-keystore", daemon=True)
+        self._watcher.start()
 
     @property
     def keyset(self) -> KeySet:
-        """The current set, brought up to date with every change to the directory completed before this call."""
-        if self._watch is None or self._poll.poll(0):
-            self.reload()
+        """The set swapped in last; use `current()` to answer a request."""
         return self._keyset
 
-    def reload(self) -> None:
-        """Re-read the directory; on failure keep serving the last set and say why."""
+    def is_fresh(self) -> bool:
+        """True when no change to the directory is waiting to be applied. The order of the checks matters.
+
+        Called from the event loop's thread only.
+        """
+        return self._watch is not None and not self._loop_poll.poll(0) and not self._lock.locked()
+
+    async def current(self) -> KeySet:
+        """The key set including every change completed before this call."""
+        if not self.is_fresh():
+            await asyncio.to_thread(self.refresh)
+        return self._keyset
+
+    def refresh(self) -> None:
+        """Apply pending changes now (waits for a rebuild already under way)."""
+        with self._lock:
+            if self._watch is None or self._locked_poll.poll(0):
+                self._reload_locked()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._watcher.join(timeout=5)
+        self._inotify.close()
+
+    def _watch_loop(self) -> None:
+        next_recheck = time.monotonic() + self.recheck_seconds
+        while not self._stopping.is_set():
+            wait = _MISSING_RETRY_SECONDS if self._watch is None else max(0.0, next_recheck - time.monotonic())
+            ready = self._watcher_poll.poll(min(wait, 1.0) * 1000)
+            try:
+                with self._lock:
+                    if self._watch is None or self._locked_poll.poll(0):
+                        self._reload_locked()
+                    elif ready == [] and time.monotonic() >= next_recheck:
+                        self._recheck_locked()
+            except Exception:  # the watcher must outlive any surprise; the request path still works without it
+                logger.exception("key directory watcher error")
+            if time.monotonic() >= next_recheck:
+                next_recheck = time.monotonic() + self.recheck_seconds
+
+    def _poller(self) -> select.poll:
+        poller = select.poll()
+        poller.register(self._inotify.fileno(), select.POLLIN)
+        return poller
+
+    def _recheck_locked(self) -> None:
+        """The safety net: rebuild only if the files differ from what the current set was built from."""
+        try:
+            changed = scan_directory(self.directory).fingerprint != self._keyset.fingerprint
+        except OSError:
+            changed = True  # let the reload report it
+        if changed:
+            logger.info("periodic re-check found changes in %s", self.directory)
+            self._reload_locked()
+
+    def _reload_locked(self) -> None:
+        """Drain pending events, re-read the directory, swap the new set in. On failure keep the last set."""
         self._drain_events()
         if self._watch is None:
             self._add_watch()
@@ -62,36 +145,38 @@ class KeyStore:
             if self.auto_keygen:
                 for path in keyfiles.ensure_keys(self.directory):
                     logger.info("generated key %s", path.name)
-            keyset = load_keyset(self.directory)
+            keyset = load_keyset(self.directory, previous=self._keyset)
         except OSError as exc:
-            logger.error("cannot read key directory %s: %s; serving the previous key set", self.directory, exc)
+            self._report_failure(f"cannot read key directory {self.directory}: {exc.strerror or exc}")
             return
-        if keyset.digest != self._keyset.digest or not self._keyset.keys:
+        if self.failure is not None:
+            logger.info("key directory %s readable again", self.directory)
+            self.failure = None
+        if keyset.digest != self._keyset.digest or self.loaded_at is None:
+            visible, hidden = len(keyset.visible), len(keyset.hidden)
+            logger.info("key set %s: %d visible, %d hidden", keyset.digest[:16], visible, hidden)
             for problem in keyset.problems:
                 logger.warning("key directory %s: %s", self.directory, problem)
-            logger.info(
-                "key set %s: %d visible, %d hidden",
-                keyset.digest[:16],
-                len(keyset.visible),
-                len(keyset.hidden),
-            )
         self._keyset = keyset
+        self.loaded_at = time.time()
+
+    def _report_failure(self, reason: str) -> None:
+        self.reload_failures += 1
+        if reason != self.failure:  # say it once per failure, not once per request
+            logger.error("%s; serving the previous key set (%s)", reason, self._keyset.digest[:16])
+            self.failure = reason
 
     def _add_watch(self) -> None:
         try:
             self._watch = self._inotify.add_watch(self.directory, _WATCH_FLAGS)
         except OSError as exc:
             self._watch = None
-            logger.error("cannot watch key directory %s: %s", self.directory, exc)
+            self._report_failure(f"cannot watch key directory {self.directory}: {exc.strerror or exc}")
 
     def _drain_events(self) -> None:
         for event in self._inotify.read(timeout=0):
-            if event.mask & (flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF):
+            if event.mask & _WATCH_GONE and event.wd == self._watch:
                 # The directory went away or moved: watch the path again once something is there.
-                if self._watch is not None:
-                    with contextlib.suppress(OSError):  # already gone with the directory
-                        self._inotify.rm_watch(self._watch)
+                with contextlib.suppress(OSError):
+                    self._inotify.rm_watch(self._watch)
                 self._watch = None
-
-    def close(self) -> None:
-        self._inotify.close()

@@ -44,7 +44,8 @@ def log_config(settings: Settings) -> dict[str, Any]:
 
 
 def build_application(settings: Settings) -> TangApplication:
-    return TangApplication(KeyStore(settings.keys_dir, auto_keygen=settings.auto_keygen), settings)
+    store = KeyStore(settings.keys_dir, auto_keygen=settings.auto_keygen, recheck_seconds=settings.recheck_seconds)
+    return TangApplication(store, settings)
 
 
 def create_app() -> TangApplication:
@@ -74,7 +75,8 @@ def serve(settings: Settings) -> None:
     """Listen on a TCP port or a Unix socket with `settings.workers` processes until SIGTERM or SIGINT."""
     logging.config.dictConfig(log_config(settings))
     if settings.auto_keygen:
-        # Generate once here, before the workers start, rather than racing in every worker.
+        # First start: create the directory and a pair here, before the workers start, rather than racing.
+        settings.keys_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         for path in keyfiles.ensure_keys(settings.keys_dir):
             logger.info("generated key %s", path.name)
     os.environ[ENVIRONMENT_VARIABLE] = settings.to_environment()
@@ -121,21 +123,7 @@ async def _serve_one(config: uvicorn.Config) -> None:
             finished.set_result(None)
 
     class OneConnection(TangHttpProtocol):
-        """The inherited connection; a client that half-closes still gets every answer it asked for."""
-
-        client_done = False
-
-        def eof_received(self) -> bool:  # type: ignore[override]  # asyncio allows True: keep writing
-            self.client_done = True
-            return not self.idle()  # True keeps our sending side open until the answers are out
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self.client_done and self.idle():
-                self.transport.close()
-
-        def idle(self) -> bool:
-            return not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+        """The inherited connection: when it ends, the process ends."""
 
         def connection_lost(self, exc: Exception | None) -> None:
             super().connection_lost(exc)

@@ -29,6 +29,8 @@ class Settings:
     auto_keygen: bool = True
     max_target_bytes: int = DEFAULT_MAX_TARGET_BYTES
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Re-read the directory this often even without inotify events (network file systems send none).
+    recheck_seconds: float = 30.0
     log_level: str = "info"
     access_log: bool = True
 
