@@ -84,7 +84,7 @@ def test_rotate_hides_old_keys_and_adds_a_pair_without_deleting(keys: Path) -> N
     assert len(new) == 2 and not set(new) & set(before)
     keyset = load_keyset(keys)
     assert len(keyset.visible) == 2 and len(keyset.hidden) == 2
-    assert "hidden" in result.stdout and "created" in result.stdout
+    assert "hidden" in result.stdout and "visible" in result.stdout
 
 
 def test_rotate_is_compatible_with_reference_layout(reference_keys: Path, tmp_path: Path) -> None:

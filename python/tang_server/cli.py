@@ -58,13 +58,45 @@ def parser() -> argparse.ArgumentParser:
     keygen.add_argument("directory", type=Path)
 
     rotate = commands.add_parser(
-        "rotate", help="hide every visible key and write a new pair (like tangd-rotate-keys; never deletes)"
+        "rotate",
+        help="write a new pair and hide every old visible key (like tangd-rotate-keys; never deletes)",
+        description="Without options, rotate at once (single host). For replicas sharing keys, rotate in two "
+        "phases: --stage adds the new pair hidden; once every replica serves it, --promote makes it visible and "
+        "hides the old pair.",
     )
     rotate.add_argument("directory", type=Path)
+    phase = rotate.add_mutually_exclusive_group()
+    phase.add_argument("--stage", action="store_true", help="phase one: add a new pair as hidden keys")
+    phase.add_argument("--promote", action="store_true", help="phase two: un-hide the staged pair, hide the old")
+
+    delete = commands.add_parser(
+        "delete-hidden", help="delete hidden (rotated) keys: the machines bound to them can no longer unlock"
+    )
+    delete.add_argument("directory", type=Path)
+    which = delete.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every hidden key except a staged pair")
+    which.add_argument("--kid", action="append", help="a hidden key's thumbprint (any hash); repeatable")
 
     show = commands.add_parser("show-keys", help="print the S256 thumbprints of the advertised signing keys")
     show.add_argument("url", nargs="?", default=f"http://127.0.0.1:{DEFAULT_PORT}")
     return top
+
+
+def rotate(args: argparse.Namespace) -> None:
+    if args.stage:
+        for path in keyfiles.stage(args.directory):
+            print(f"staged   {path.name}")
+        print("next: wait until every replica serves the new key-set digest, then run rotate --promote")
+        return
+    if args.promote:
+        promoted, hidden = keyfiles.promote(args.directory)
+    else:
+        written, hidden = keyfiles.rotate(args.directory)
+        promoted = [path.name for path in written]
+    for name in promoted:
+        print(f"visible  {name}")
+    for name in hidden:
+        print(f"hidden   {name} -> .{name}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,11 +122,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in keyfiles.generate_keys(args.directory):
             print(path)
     elif args.command == "rotate":
-        written, hidden = keyfiles.rotate(args.directory)
-        for name in hidden:
-            print(f"hidden  {name} -> .{name}")
-        for path in written:
-            print(f"created {path.name}")
+        try:
+            rotate(args)
+        except keyfiles.RotationError as exc:
+            print(f"tang-server rotate: {exc}", file=sys.stderr)
+            return 1
+    elif args.command == "delete-hidden":
+        try:
+            removed = keyfiles.delete_hidden(args.directory, None if args.all else args.kid)
+        except keyfiles.RotationError as exc:
+            print(f"tang-server delete-hidden: {exc}", file=sys.stderr)
+            return 1
+        for kid, name in removed:
+            print(f"deleted {kid} ({name})")
+        if not removed:
+            print("no hidden keys to delete")
     elif args.command == "show-keys":
         try:
             for thumbprint in client.verify_key_thumbprints(client.fetch_advertisement(args.url)):

@@ -51,7 +51,11 @@ def key_file_name(key: Mapping[str, Any], *, hidden: bool = False) -> str:
 
 def write_key(directory: Path, name: str, key: Mapping[str, Any]) -> Path:
     """Write one key file atomically and durably; never replaces an existing file (FileExistsError)."""
-    data = json.dumps(key, sort_keys=True, separators=(",", ":")).encode()
+    return write_new_file(directory, name, json.dumps(key, sort_keys=True, separators=(",", ":")).encode())
+
+
+def write_new_file(directory: Path, name: str, data: bytes) -> Path:
+    """Create `name` with `data`, mode 0440, atomically and durably; FileExistsError if it exists."""
     target = directory / name
     # The temporary name does not end in .jwk, so a crash leaves junk that is never loaded as a key.
     temporary = directory / f".{name}.{secrets.token_hex(6)}.tmp"
@@ -73,8 +77,16 @@ def write_key(directory: Path, name: str, key: Mapping[str, Any]) -> Path:
 
 
 def rename_key(directory: Path, source: str, destination: str) -> None:
-    """Rename a key file without ever replacing another (hiding and un-hiding keys)."""
-    os.link(directory / source, directory / destination)
+    """Rename a key file without ever replacing another (hiding and un-hiding keys).
+
+    A hard link then an unlink, because rename(2) would silently replace an existing key. A crash between the
+    two leaves both names on the same file; running the operation again finishes the rename.
+    """
+    try:
+        os.link(directory / source, directory / destination)
+    except FileExistsError:
+        if not os.path.samefile(directory / source, directory / destination):
+            raise
     os.unlink(directory / source)
     fsync_directory(directory)
 
@@ -116,10 +128,10 @@ def ensure_keys(directory: Path) -> list[Path]:
 
 
 def rotate(directory: Path) -> tuple[list[Path], list[str]]:
-    """`tangd-rotate-keys`: hide every visible key and create a fresh pair. Never deletes anything.
+    """`tangd-rotate-keys`: a fresh visible pair, then every previously visible key hidden. Never deletes.
 
-    The new pair is written before any old key is hidden, so a crash at any point leaves at least every key
-    that was there, and never a directory without a visible pair.
+    Killed at any instant, the directory keeps every key it had, byte for byte (visible or hidden), holds no
+    half-written key, and always has a visible pair: the new pair is complete before any old key is hidden.
     """
     with directory_lock(directory):
         visible = [key.name for key in load_keyset(directory).keys if not key.hidden]
@@ -127,6 +139,83 @@ def rotate(directory: Path) -> tuple[list[Path], list[str]]:
         for name in visible:
             rename_key(directory, name, f".{name}")
         return written, visible
+
+
+class RotationError(Exception):
+    """A rotation step that does not apply to the directory as it is (said plainly to the operator)."""
+
+
+#: Staged keys are hidden (the name starts with '.') and marked as not yet promoted.
+STAGED_PREFIX = ".staged."
+
+
+def stage(directory: Path) -> list[Path]:
+    """Phase one for replicas: add a fresh pair as hidden keys, so every replica can answer for it first."""
+    with directory_lock(directory):
+        if staged_names(directory):
+            raise RotationError("a staged pair exists already: promote it (or delete it) first")
+        return [write_key(directory, STAGED_PREFIX + key_file_name(key), key) for key in generate_pair()]
+
+
+#: Names the pair being promoted, so that a promotion interrupted half way can be finished by running it again.
+#: It does not end in .jwk, so it is never loaded as a key.
+PROMOTION_JOURNAL = ".promotion.json"
+
+
+def promote(directory: Path) -> tuple[list[str], list[str]]:
+    """Phase two: un-hide the staged pair, then hide every other visible key. Returns (promoted, hidden).
+
+    Crash-safe like `rotate` (the staged pair becomes visible before the old one is hidden), and resumable: the
+    pair is written to a journal first, so running `promote` again after a crash finishes the same promotion.
+    """
+    with directory_lock(directory):
+        journal = directory / PROMOTION_JOURNAL
+        if journal.exists():
+            promoted = json.loads(journal.read_text())
+        else:
+            staged = staged_names(directory)
+            if not staged:
+                raise RotationError("no staged pair: run `rotate --stage` and wait for every replica first")
+            promoted = [name.removeprefix(STAGED_PREFIX) for name in staged]
+            write_new_file(directory, PROMOTION_JOURNAL, json.dumps(promoted).encode())
+        for name in promoted:
+            if (directory / (STAGED_PREFIX + name)).exists():
+                rename_key(directory, STAGED_PREFIX + name, name)
+        previous = [key.name for key in load_keyset(directory).keys if not key.hidden and key.name not in promoted]
+        for name in previous:
+            rename_key(directory, name, f".{name}")
+        os.unlink(journal)
+        fsync_directory(directory)
+        return promoted, previous
+
+
+def staged_names(directory: Path) -> list[str]:
+    return sorted(key.name for key in load_keyset(directory).keys if key.name.startswith(STAGED_PREFIX))
+
+
+def delete_hidden(directory: Path, key_ids: list[str] | None) -> list[tuple[str, str]]:
+    """Delete hidden keys (all of them when `key_ids` is None), never visible or staged ones.
+
+    Returns (S256 key id, file name) of each key removed. A key id that names no hidden key is an error, and
+    nothing is deleted then.
+    """
+    with directory_lock(directory):
+        keyset = load_keyset(directory)
+        retired = [key for key in keyset.hidden if not key.name.startswith(STAGED_PREFIX)]
+        if key_ids is None:
+            chosen = retired
+        else:
+            chosen = []
+            for kid in key_ids:
+                key = keyset.find(kid)
+                if key is None or key not in retired:
+                    raise RotationError(f"{kid} is not a hidden (retired) key in {directory}")
+                chosen.append(key)
+        for key in chosen:
+            os.unlink(directory / key.name)
+        if chosen:
+            fsync_directory(directory)
+        return [(key.kid, key.name) for key in chosen]
 
 
 def signing_and_exchange(keyset: KeySet) -> tuple[int, int]:

@@ -171,7 +171,8 @@ class KeyStore:
             self._watch = self._inotify.add_watch(self.directory, _WATCH_FLAGS)
         except OSError as exc:
             self._watch = None
-            self._report_failure(f"cannot watch key directory {self.directory}: {exc.strerror or exc}")
+            if self.directory.is_dir():  # a missing directory is reported by the read that follows
+                self._report_failure(f"cannot watch key directory {self.directory}: {exc.strerror or exc}")
 
     def _drain_events(self) -> None:
         for event in self._inotify.read(timeout=0):

@@ -1,0 +1,231 @@
+"""The key directory changing under a live server: Kubernetes Secret volume updates, accidents, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tang_server import b64, keyfiles
+
+from .support import BIN, Server, client_key, free_port, load_keys, our_server, request, running, thumbprint
+
+
+def _advertised(port: int) -> set[str]:
+    response = request(port, "GET", "/adv")
+    assert response.status == 200, response.status
+    payload = json.loads(b64.decode(json.loads(response.body)["payload"]))
+    return {thumbprint(key) for key in payload["keys"]}
+
+
+def _rec(port: int, kid: str) -> int:
+    return request(port, "POST", f"/rec/{kid}", json.dumps(client_key()).encode()).status
+
+
+class SecretVolume:
+    """A directory updated exactly as the kubelet updates a Secret volume (AtomicWriter)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir()
+        self.generation = 0
+
+    def publish(self, files: dict[str, bytes]) -> None:
+        self.generation += 1
+        new = self.path / f"..2026_11_24_00_00_{self.generation:02d}.{os.getpid()}"
+        new.mkdir()
+        for name, content in files.items():
+            (new / name).write_bytes(content)
+        old = os.readlink(self.path / "..data") if (self.path / "..data").exists() else None
+        os.symlink(new.name, self.path / "..data_tmp")
+        os.rename(self.path / "..data_tmp", self.path / "..data")  # the atomic swap
+        for name in files:  # visible names are symlinks through ..data
+            if not (self.path / name).is_symlink():
+                os.symlink(f"..data/{name}", self.path / name)
+        for entry in self.path.iterdir():
+            if not entry.name.startswith("..") and entry.name not in files:
+                entry.unlink()
+        if old is not None:
+            shutil.rmtree(self.path / old)
+
+
+def _pair_files() -> tuple[dict[str, bytes], str, str]:
+    signing, exchange = keyfiles.generate_pair()
+    files = {keyfiles.key_file_name(k): json.dumps(k).encode() for k in (signing, exchange)}
+    return files, thumbprint(signing), thumbprint(exchange)
+
+
+def test_kubelet_secret_updates_are_served_at_once(tmp_path: Path) -> None:
+    volume = SecretVolume(tmp_path / "volume")
+    files, sig, exc = _pair_files()
+    volume.publish(files)
+    with our_server(volume.path, tmp_path / "log", "--no-auto-keygen", workers=2) as server:
+        assert _advertised(server.port) == {sig, exc}
+        for _ in range(8):
+            # stage: a new pair hidden; then promote: new visible, old hidden; then drop the old pair
+            new, new_sig, new_exc = _pair_files()
+            staged = {**files, **{f".{name}": data for name, data in new.items()}}
+            volume.publish(staged)
+            assert _advertised(server.port) == {sig, exc}
+            assert _rec(server.port, new_exc) == 200
+            promoted = {**new, **{f".{name}": data for name, data in files.items()}}
+            volume.publish(promoted)
+            assert _advertised(server.port) == {new_sig, new_exc}
+            assert _rec(server.port, exc) == 200  # the old key, hidden, still answers
+            volume.publish(new)
+            assert _rec(server.port, exc) == 404  # deleted: gone on the next request
+            files, sig, exc = new, new_sig, new_exc
+
+
+@pytest.fixture
+def server_keys(keys: Path, tmp_path: Path) -> Iterator[tuple[Server, Path]]:
+    with our_server(keys, tmp_path / "log", "--no-auto-keygen", workers=2) as server:
+        yield server, keys
+
+
+def test_half_written_new_file_changes_nothing_until_complete(server_keys: tuple[Server, Path]) -> None:
+    server, keys = server_keys
+    before = _advertised(server.port)
+    signing, _ = keyfiles.generate_pair()
+    data = json.dumps(signing).encode()
+    path = keys / "incoming.jwk"
+    with path.open("wb") as file:
+        file.write(data[: len(data) // 2])
+        file.flush()
+        assert _advertised(server.port) == before
+        file.write(data[len(data) // 2 :])
+    assert _advertised(server.port) == before | {thumbprint(signing)}
+    assert "skipping key file" in server.log_text()
+
+
+def test_key_rewritten_in_place_keeps_answering(server_keys: tuple[Server, Path]) -> None:
+    server, keys = server_keys
+    _, exchange = load_keys(keys)
+    path = keys / f"{thumbprint(exchange)}.jwk"
+    data = path.read_bytes()
+    os.chmod(path, 0o640)
+    with path.open("r+b") as file:  # a tool rewriting the file in place: truncate, then write
+        file.truncate(0)
+        file.flush()
+        assert _rec(server.port, thumbprint(exchange)) == 200
+        file.write(data[:40])
+        file.flush()
+        assert _rec(server.port, thumbprint(exchange)) == 200
+        file.write(data[40:])
+    assert _rec(server.port, thumbprint(exchange)) == 200
+
+
+def _recreate(keys: Path) -> tuple[str, str]:
+    files, sig, exc = _pair_files()
+    keys.mkdir()
+    for name, data in files.items():
+        (keys / name).write_bytes(data)
+    return sig, exc
+
+
+def test_directory_moved_away_keeps_serving_then_recreated(server_keys: tuple[Server, Path], tmp_path: Path) -> None:
+    server, keys = server_keys
+    before = _advertised(server.port)
+    keys.rename(tmp_path / "elsewhere")
+    for _ in range(3):
+        assert _advertised(server.port) == before  # nothing to read: the last set keeps serving
+    assert server.log_text().count("cannot read key directory") == 1
+    sig, exc = _recreate(keys)
+    assert _advertised(server.port) == {sig, exc}
+    assert _rec(server.port, exc) == 200
+    assert "readable again" in server.log_text()
+
+
+def test_directory_deleted_and_recreated(server_keys: tuple[Server, Path]) -> None:
+    server, keys = server_keys
+    shutil.rmtree(keys)  # deletes every key first (deliberate), then the directory
+    assert request(server.port, "GET", "/adv").status in (200, 500)
+    sig, exc = _recreate(keys)
+    assert _advertised(server.port) == {sig, exc}
+    assert _rec(server.port, exc) == 200
+
+
+@pytest.fixture
+def public_tmp() -> Iterator[Path]:
+    """A temporary directory an unprivileged user can reach (pytest's own is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="tang-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_unreadable_directory_keeps_last_set(public_tmp: Path) -> None:
+    """Run as an unprivileged user (root reads anything), then take the directory's permissions away."""
+    nobody = 65534
+    tmp_path = public_tmp
+    keys = tmp_path / "keys"
+    keyfiles.generate_keys(keys)
+    for path in [keys, *keys.iterdir()]:
+        os.chown(path, nobody, nobody)
+    port = free_port()
+    command = [
+        "setpriv",
+        "--reuid",
+        str(nobody),
+        "--regid",
+        str(nobody),
+        "--clear-groups",
+        str(BIN / "tang-server"),
+        "serve",
+        "--keys-dir",
+        str(keys),
+        "--port",
+        str(port),
+        "--no-auto-keygen",
+    ]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    with running(command, port, tmp_path / "log", env=env) as server:
+        _, exchange = load_keys(keys)
+        before = _advertised(server.port)
+        os.chmod(keys, 0o000)
+        (keys / "new.jwk").write_text(json.dumps(keyfiles.generate_pair()[0]))  # a change it cannot read
+        assert _advertised(server.port) == before
+        assert _rec(server.port, thumbprint(exchange)) == 200
+        os.chmod(keys, 0o700)
+        assert len(_advertised(server.port)) == 3  # readable again: the change is picked up
+        log = server.log_text()
+    assert log.count("cannot read key directory") == 1  # reported once, not once per request
+    assert "readable again" in log
+
+
+def test_periodic_recheck_catches_changes_inotify_cannot_see(tmp_path: Path) -> None:
+    """Visible names are symlinks to another directory, whose files change without an event in ours."""
+    elsewhere, keys = tmp_path / "elsewhere", tmp_path / "keys"
+    elsewhere.mkdir()
+    keys.mkdir()
+    files, sig, _ = _pair_files()
+    for name, data in files.items():
+        (elsewhere / name).write_bytes(data)
+        (keys / name).symlink_to(elsewhere / name)
+    with our_server(keys, tmp_path / "log", "--no-auto-keygen", "--recheck-seconds", "0.5") as server:
+        assert sig in _advertised(server.port)
+        signing_name = next(name for name in files if name.endswith(f"{sig}.jwk"))
+        replacement, _ = keyfiles.generate_pair()
+        (elsewhere / "tmp").write_text(json.dumps(replacement))
+        os.rename(elsewhere / "tmp", elsewhere / signing_name)  # no event in the watched directory
+        deadline = time.monotonic() + 10
+        while thumbprint(replacement) not in _advertised(server.port):
+            assert time.monotonic() < deadline, "the periodic re-check never picked the change up"
+            time.sleep(0.1)
+        assert "periodic re-check found changes" in server.log_text()
+
+
+def test_auto_keygen_on_first_start_creates_directory(tmp_path: Path) -> None:
+    keys = tmp_path / "new" / "keys"
+    with our_server(keys, tmp_path / "log") as server:
+        assert len(_advertised(server.port)) == 2
+    assert sorted(oct(p.stat().st_mode & 0o777) for p in keys.iterdir()) == ["0o440", "0o440"]
+    result = subprocess.run(["stat", "-c", "%a", str(keys)], capture_output=True, text=True)
+    assert result.stdout.strip() == "750"

@@ -1,0 +1,203 @@
+"""Rotation: the single-host `rotate`, the two phases for replicas, deleting hidden keys, and crash safety."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tang_server import keyfiles
+from tang_server.keyset import KeyKind, load_keyset
+
+from .support import BIN, client_key, our_server, request
+
+TANG_SERVER = str(BIN / "tang-server")
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.name.endswith(".jwk")}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TANG_SERVER, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_stage_promote_delete(keys: Path) -> None:
+    original = _files(keys)
+    staged = _cli("rotate", "--stage", str(keys))
+    assert staged.returncode == 0, staged.stderr
+    keyset = load_keyset(keys)
+    assert {k.name for k in keyset.visible} == set(original)  # nothing new is advertised yet
+    assert len(keyset.hidden) == 2
+    assert _cli("rotate", "--stage", str(keys)).returncode == 1  # one staged pair at a time
+
+    promoted = _cli("rotate", "--promote", str(keys))
+    assert promoted.returncode == 0, promoted.stderr
+    keyset = load_keyset(keys)
+    assert {k.name for k in keyset.hidden} == {f".{name}" for name in original}
+    assert len(keyset.visible) == 2 and not set(original) & {k.name for k in keyset.visible}
+    assert _cli("rotate", "--promote", str(keys)).returncode == 1  # nothing staged any more
+
+    # Deleting is explicit and says what it removes; visible keys are refused.
+    visible_kid = keyset.visible[0].kid
+    refused = _cli("delete-hidden", str(keys), "--kid", visible_kid)
+    assert refused.returncode == 1 and "not a hidden" in refused.stderr
+    hidden_kids = sorted(k.kid for k in keyset.hidden)
+    deleted = _cli("delete-hidden", str(keys), "--kid", keyset.hidden[0].thumbprints[0])  # an S1 kid works too
+    assert deleted.returncode == 0
+    assert deleted.stdout.split()[1] == keyset.hidden[0].kid
+    everything = _cli("delete-hidden", str(keys), "--all")
+    assert sorted([keyset.hidden[0].kid, everything.stdout.split()[1]]) == hidden_kids
+    assert len(load_keyset(keys).hidden) == 0
+    assert len(load_keyset(keys).visible) == 2
+
+
+def test_delete_all_keeps_a_staged_pair(keys: Path) -> None:
+    keyfiles.rotate(keys)
+    keyfiles.stage(keys)
+    removed = keyfiles.delete_hidden(keys, None)
+    assert len(removed) == 2
+    assert len(keyfiles.staged_names(keys)) == 2
+
+
+class Crash(Exception):
+    """Stands for the process being killed just before a file operation."""
+
+
+FILE_OPERATIONS = ("open", "write", "fsync", "link", "unlink", "rename", "fchmod")
+
+
+def _crash_at(monkeypatch: pytest.MonkeyPatch, limit: int) -> list[int]:
+    """Make the limit-th file operation (0-based) raise Crash before it runs; returns the call counter."""
+    calls = [0]
+    for name in FILE_OPERATIONS:
+        real = getattr(os, name)
+
+        def wrapper(*args: object, _real: Callable[..., object] = real, **kwargs: object) -> object:
+            if calls[0] == limit:
+                raise Crash
+            calls[0] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, wrapper)
+    return calls
+
+
+def _check_intact(before: dict[str, bytes], directory: Path) -> None:
+    """Every key that was there is still there byte for byte (perhaps hidden); every key file is whole; a
+    visible signing and exchange key exist (so /adv never fails and no replica would generate keys)."""
+    after = _files(directory)
+    for name, content in before.items():
+        bare = name.lstrip(".").removeprefix("staged.")
+        assert content in (after.get(bare), after.get(f".{bare}"), after.get(name)), name
+    for content in after.values():
+        json.loads(content)  # never a half-written key
+    keyset = load_keyset(directory)
+    kinds = {key.kind for key in keyset.visible}
+    assert kinds == {KeyKind.SIGNING, KeyKind.EXCHANGE}
+    assert len(keyset.keys) == len(after)
+
+
+@pytest.mark.parametrize("operation", ["rotate", "promote"])
+def test_crash_at_every_file_operation(keys: Path, tmp_path: Path, operation: str) -> None:
+    if operation == "promote":
+        keyfiles.stage(keys)
+    before = _files(keys)
+    limit = 0
+    while True:
+        directory = tmp_path / f"run{limit}"
+        shutil.copytree(keys, directory)
+        with pytest.MonkeyPatch.context() as patch:
+            calls = _crash_at(patch, limit)
+            try:
+                getattr(keyfiles, operation)(directory)
+                finished = True
+            except Crash:
+                finished = False
+        _check_intact(before, directory)
+        if finished:
+            break
+        # Running the operation again after the crash completes it (or says there is nothing left to do, when
+        # the crash came after the last step; the end state is checked either way).
+        with contextlib.suppress(keyfiles.RotationError):
+            getattr(keyfiles, operation)(directory)
+        _check_intact(before, directory)
+        _check_rotated(before, directory, operation)
+        limit += 1
+    assert limit > 10  # the crash really was injected at many points
+    assert calls[0] == limit  # the final run performed exactly that many operations
+    _check_rotated(before, directory, operation)
+
+
+def _check_rotated(before: dict[str, bytes], directory: Path, operation: str) -> None:
+    """The end state: every previously visible key hidden; for promote, exactly the staged pair visible."""
+    keyset = load_keyset(directory)
+    hidden = {key.name for key in keyset.hidden}
+    assert {f".{name}" for name in before if not name.startswith(".")} <= hidden
+    if operation == "promote":
+        staged = {name.removeprefix(".staged.") for name in before if name.startswith(".staged.")}
+        assert {key.name for key in keyset.visible} == staged
+        assert not (directory / keyfiles.PROMOTION_JOURNAL).exists()
+
+
+def test_kill_9_during_rotate(keys: Path, tmp_path: Path) -> None:
+    rng = random.Random(7)  # noqa: S311 - reproducible kill times, not cryptography
+    for attempt in range(12):
+        directory = tmp_path / f"run{attempt}"
+        shutil.copytree(keys, directory)
+        before = _files(directory)
+        process = subprocess.Popen([TANG_SERVER, "rotate", str(directory)], stdout=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.05, 0.6))  # interpreter start-up is most of it; some land mid-rotation
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        _check_intact(before, directory)
+
+
+def test_rotate_under_load_has_no_failed_request(keys: Path, tmp_path: Path) -> None:
+    old_kid = next(k.kid for k in load_keyset(keys).keys if k.kind is KeyKind.EXCHANGE)
+    body = json.dumps(client_key()).encode()
+    statuses: dict[str, list[int]] = {"old": [], "new": []}
+    stop = threading.Event()
+
+    with our_server(keys, tmp_path / "log", "--no-auto-keygen", workers=2) as server:
+
+        def hammer(label: str, kid_of: Callable[[], str | None]) -> None:
+            while not stop.is_set():
+                kid = kid_of()
+                if kid is None:
+                    continue  # the new key file does not exist yet
+                statuses[label].append(request(server.port, "POST", f"/rec/{kid}", body).status)
+
+        def new_kid() -> str | None:
+            for path in keys.iterdir():
+                if path.name.endswith(".jwk") and "deriveKey" in path.read_text():
+                    kid = path.name.lstrip(".").removesuffix(".jwk")
+                    if kid != old_kid:
+                        return kid
+            return None
+
+        threads = [
+            threading.Thread(target=hammer, args=("old", lambda: old_kid)),
+            threading.Thread(target=hammer, args=("new", new_kid)),
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+        assert _cli("rotate", str(keys)).returncode == 0
+        time.sleep(0.5)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert statuses["old"] and statuses["new"]
+    assert set(statuses["old"]) == {200}
+    assert set(statuses["new"]) == {200}
