@@ -8,6 +8,7 @@ paths, so the Tang routes are `TangRoute`s that implement exactly the reference'
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .keystore import KeyStore
 from .recovery import recover
-from .responses import ADVERTISEMENT_TYPE, RECOVERY_TYPE, reply
+from .responses import ADVERTISEMENT_TYPE, JSON_TYPE, RECOVERY_TYPE, reply
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class TangApplication:
                 TangRoute(f"{prefix}/+adv/*", "GET", self.advertise),
                 TangRoute(f"{prefix}/+adv{thp}", "GET", self.advertise),
                 TangRoute(f"{prefix}/+rec{thp}", "POST", self.recover),
+                TangRoute(re.escape(settings.health_path), "GET", self.health),
+                TangRoute(re.escape(settings.ready_path), "GET", self.ready),
             ],
             redirect_slashes=False,  # clevis runs curl without -L: a redirect is a failed unlock
             default=not_found,
@@ -128,6 +131,23 @@ class TangApplication:
             return
         status, answer = recover(await self.store.current(), thp, body)
         await reply(send, status, answer, RECOVERY_TYPE if status == HTTPStatus.OK else None)
+
+    async def health(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
+        """Liveness: the process answers. Deliberately independent of keys (a restart would not bring them)."""
+        await reply(send, HTTPStatus.OK, b'{"status":"ok"}', JSON_TYPE)
+
+    async def ready(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
+        """Readiness: a key set that can serve clients (a visible signing and exchange key) is loaded."""
+        keyset = await self.store.current()
+        ready = keyset.ready
+        body = {
+            "ready": ready,
+            "digest": keyset.digest,
+            "problems": list(keyset.problems),
+            "directory_error": self.store.failure,
+        }
+        status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
+        await reply(send, status, json.dumps(body, separators=(",", ":")).encode(), JSON_TYPE)
 
 
 def _declared_length(scope: Scope) -> int:

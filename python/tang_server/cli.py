@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
         default=30.0,
         help="re-read the key directory this often even without inotify events (default: %(default)s)",
     )
+    serve.add_argument("--health-path", default="/healthz", help="liveness endpoint (default: %(default)s)")
+    serve.add_argument("--ready-path", default="/readyz", help="readiness endpoint (default: %(default)s)")
     serve.add_argument("--max-target-bytes", type=positive, default=DEFAULT_MAX_TARGET_BYTES)
     serve.add_argument("--max-body-bytes", type=positive, default=DEFAULT_MAX_BODY_BYTES)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -112,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prefix=args.prefix,
                 auto_keygen=args.auto_keygen,
                 recheck_seconds=args.recheck_seconds,
+                health_path=args.health_path,
+                ready_path=args.ready_path,
                 max_target_bytes=args.max_target_bytes,
                 max_body_bytes=args.max_body_bytes,
                 log_level=args.log_level,

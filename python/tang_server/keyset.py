@@ -80,6 +80,13 @@ class KeySet:
         return self.by_thumbprint.get(thumbprint)
 
     @property
+    def ready(self) -> bool:
+        """Whether clients can bind and recover: a visible signing key and a visible usable exchange key."""
+        return self.default_advertisement is not None and any(
+            key.kind is KeyKind.EXCHANGE and key.exchange is not None for key in self.visible
+        )
+
+    @property
     def visible(self) -> tuple[Key, ...]:
         return tuple(key for key in self.keys if not key.hidden)
 

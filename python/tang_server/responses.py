@@ -6,6 +6,7 @@ from starlette.types import Send
 
 ADVERTISEMENT_TYPE = b"application/jose+json"
 RECOVERY_TYPE = b"application/jwk+json"
+JSON_TYPE = b"application/json"
 
 
 async def reply(send: Send, status: int, body: bytes = b"", content_type: bytes | None = None) -> None:

@@ -31,6 +31,9 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Re-read the directory this often even without inotify events (network file systems send none).
     recheck_seconds: float = 30.0
+    #: Liveness (the process answers) and readiness (a usable key set is loaded); exact paths, never prefixed.
+    health_path: str = "/healthz"
+    ready_path: str = "/readyz"
     log_level: str = "info"
     access_log: bool = True
 
