@@ -136,7 +136,7 @@ def test_directory_moved_away_keeps_serving_then_recreated(server_keys: tuple[Se
     keys.rename(tmp_path / "elsewhere")
     for _ in range(3):
         assert _advertised(server.port) == before  # nothing to read: the last set keeps serving
-    assert server.log_text().count("cannot read key directory") == 1
+    assert 1 <= server.log_text().count("cannot read key directory") <= 2  # once per worker that noticed
     sig, exc = _recreate(keys)
     assert _advertised(server.port) == {sig, exc}
     assert _rec(server.port, exc) == 200
