@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +146,7 @@ def client_key(*, private: bool = False) -> dict[str, Any]:
     return key
 
 
-def thumbprint(key: dict[str, Any], hash_name: str = "S256") -> str:
+def thumbprint(key: Mapping[str, Any], hash_name: str = "S256") -> str:
     return jwk.thumbprint(key, hash_name)
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from tang_server import keyfiles
-from tang_server.keyset import KeyKind, load_keyset
+from tang_server.keyset import KeyKind, load_keyset, scan_directory
 
-from .support import BIN, client_key, our_server, request
+from .support import BIN, client_key, our_server, request, thumbprint
 
 TANG_SERVER = str(BIN / "tang-server")
 
@@ -179,11 +179,9 @@ def test_rotate_under_load_has_no_failed_request(keys: Path, tmp_path: Path) -> 
                 statuses[label].append(request(server.port, "POST", f"/rec/{kid}", body).status)
 
         def new_kid() -> str | None:
-            for path in keys.iterdir():
-                if path.name.endswith(".jwk") and "deriveKey" in path.read_text():
-                    kid = path.name.lstrip(".").removesuffix(".jwk")
-                    if kid != old_kid:
-                        return kid
+            for data in scan_directory(keys).files.values():  # tolerates files renamed while it reads
+                if "deriveKey" in data["key_ops"] and thumbprint(data) != old_kid:
+                    return thumbprint(data)
             return None
 
         threads = [

@@ -1,0 +1,307 @@
+"""Load harness: our server, the reference C server and the two ceilings, measured by wrk in one run.
+
+    python bench/load.py [--seconds 5] [--connections 16] [--workers 1] [--output bench/results/load.json]
+
+Everything runs on this machine and loopback only. Each server is started alone, on the same key directory (made
+by the reference's tangd-keygen), pinned to the server CPUs while wrk runs on the load CPU, so that a one-core
+server and a one-core load generator do not compete. For every server and route it reports requests per second,
+p50/p99/p99.9 latency and the server's CPU seconds per request, with kept-alive connections and with a new
+connection per request (what curl in clevis does). Ratios are computed within the run, never against numbers
+from another machine or another day.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BIN = Path(sys.executable).parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Measurement:
+    server: str
+    route: str
+    connection: str
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    cpu_ms_per_request: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+def cpu_seconds(root: int) -> float:
+    """CPU time of a process and all its descendants, living or already reaped."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        times = stats.get(pid)
+        if times is not None:  # utime, stime, cutime, cstime (the last two: reaped children)
+            total += sum(int(value) for value in times[11:15])
+        stack.extend(children.get(pid, []))
+    return total / CLOCK_TICKS
+
+
+@contextlib.contextmanager
+def started(command: list[str], port: int, cpus: str) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(
+        ["taskset", "-c", cpus, *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(port)
+        time.sleep(1.0)  # let every worker finish starting
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wrk(url: str, *, seconds: float, connections: int, cpus: str, body: Path | None, close: bool) -> dict[str, float]:
+    env = {**os.environ, "WRK_BODY_FILE": str(body or ""), "WRK_CLOSE": "1" if close else "0"}
+    command = [
+        "taskset",
+        "-c",
+        cpus,
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "-s",
+        str(HERE / "wrk_report.lua"),
+    ]
+    output = subprocess.run([*command, url], capture_output=True, text=True, env=env, check=True).stdout
+    line = next(line for line in output.splitlines() if line.startswith("WRK_JSON "))
+    return dict(json.loads(line.removeprefix("WRK_JSON ")))
+
+
+def measure(
+    name: str,
+    process: subprocess.Popen[bytes],
+    base: str,
+    routes: dict[str, tuple[str, Path | None]],
+    args: argparse.Namespace,
+) -> list[Measurement]:
+    results = []
+    for route, (path, body) in routes.items():
+        for close in (False, True):
+            before = cpu_seconds(process.pid)
+            summary = wrk(
+                base + path,
+                seconds=args.seconds,
+                connections=args.connections,
+                cpus=args.load_cpus,
+                body=body,
+                close=close,
+            )
+            used = cpu_seconds(process.pid) - before
+            requests = max(summary["requests"], 1)
+            results.append(
+                Measurement(
+                    server=name,
+                    route=route,
+                    connection="new" if close else "kept-alive",
+                    requests_per_second=requests / (summary["duration_us"] / 1e6),
+                    p50_ms=summary["p50_us"] / 1000,
+                    p99_ms=summary["p99_us"] / 1000,
+                    p999_ms=summary["p999_us"] / 1000,
+                    cpu_ms_per_request=used * 1000 / requests,
+                    errors=int(summary["socket_errors"] + summary["non_2xx"]),
+                )
+            )
+            print(
+                f"  {name:<10} {route:<5} {results[-1].connection:<10} {results[-1].requests_per_second:>9.0f} req/s"
+                f"  p99 {results[-1].p99_ms:7.2f} ms  errors {results[-1].errors}",
+                flush=True,
+            )
+    return results
+
+
+def pure_multiplication_rate(seconds: float, cpus: str) -> float:
+    binary = ROOT / "target" / "release" / "examples" / "mul_rate"
+    if not binary.exists():
+        subprocess.run(
+            ["cargo", "build", "--release", "--quiet", "-p", "tang-p521", "--example", "mul_rate"], cwd=ROOT, check=True
+        )
+    output = subprocess.run(
+        ["taskset", "-c", cpus, str(binary), str(seconds)], capture_output=True, text=True, check=True
+    ).stdout
+    return float(output.split()[1])
+
+
+def openssl_speed(seconds: float, cpus: str) -> float:
+    output = subprocess.run(
+        ["taskset", "-c", cpus, "openssl", "speed", "-seconds", str(int(max(seconds, 1))), "ecdhp521"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return float(output.strip().splitlines()[-1].split()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="wrk duration per measurement")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1, help="our worker processes")
+    parser.add_argument("--server-cpus", default="1", help="taskset CPU list for the servers")
+    parser.add_argument("--load-cpus", default="0", help="taskset CPU list for wrk")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "load.json")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="tang-load-"))
+    try:
+        keys = work / "keys"
+        keys.mkdir()
+        subprocess.run(["/usr/libexec/tangd-keygen", str(keys)], check=True, capture_output=True)
+        exchange = next(p for p in keys.iterdir() if "deriveKey" in p.read_text())
+        body = work / "client.json"
+        client = subprocess.run(["jose", "jwk", "gen", "-i", '{"alg":"ECMR"}'], capture_output=True, check=True).stdout
+        public = subprocess.run(["jose", "jwk", "pub", "-i-"], input=client, capture_output=True, check=True).stdout
+        body.write_bytes(public)
+        rec_path = f"/rec/{exchange.name.removesuffix('.jwk')}"
+        routes = {"adv": ("/adv", None), "rec": (rec_path, body)}
+        results: list[Measurement] = []
+
+        port = free_port()
+        ours = [
+            str(BIN / "tang-server"),
+            "serve",
+            "--keys-dir",
+            str(keys),
+            "--port",
+            str(port),
+            "--workers",
+            str(args.workers),
+            "--no-auto-keygen",
+        ]
+        print(f"ours ({args.workers} worker(s) on CPUs {args.server_cpus}):", flush=True)
+        with started(ours, port, args.server_cpus) as process:
+            results += measure("ours", process, f"http://127.0.0.1:{port}", routes, args)
+
+        port = free_port()
+        reference = [
+            "socat",
+            f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024",
+            f"EXEC:/usr/libexec/tangd {keys}",
+        ]
+        print("reference (tangd through socat):", flush=True)
+        with started(reference, port, args.server_cpus) as process:
+            results += measure("reference", process, f"http://127.0.0.1:{port}", routes, args)
+
+        port = free_port()
+        constant = [
+            str(BIN / "uvicorn"),
+            "constant_app:app",
+            "--app-dir",
+            str(HERE),
+            "--port",
+            str(port),
+            "--workers",
+            str(args.workers),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+        print("constant bytes (bare uvicorn):", flush=True)
+        with started(constant, port, args.server_cpus) as process:
+            results += measure("constant", process, f"http://127.0.0.1:{port}", {"adv": ("/adv", None)}, args)
+
+        mul_rate = pure_multiplication_rate(args.seconds, args.server_cpus.split(",")[0])
+        openssl_rate = openssl_speed(args.seconds, args.server_cpus.split(",")[0])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def rate(server: str, route: str, connection: str) -> float:
+        return next(
+            r.requests_per_second for r in results if (r.server, r.route, r.connection) == (server, route, connection)
+        )
+
+    ratios = {
+        "rec_vs_reference_kept_alive": rate("ours", "rec", "kept-alive") / rate("reference", "rec", "kept-alive"),
+        "rec_vs_reference_new_connection": rate("ours", "rec", "new") / rate("reference", "rec", "new"),
+        "adv_vs_reference_kept_alive": rate("ours", "adv", "kept-alive") / rate("reference", "adv", "kept-alive"),
+        "adv_vs_reference_new_connection": rate("ours", "adv", "new") / rate("reference", "adv", "new"),
+        "adv_vs_constant_app_kept_alive": rate("ours", "adv", "kept-alive") / rate("constant", "adv", "kept-alive"),
+        "rec_per_worker_vs_pure_multiplication": rate("ours", "rec", "kept-alive") / (mul_rate * args.workers),
+        "multiplication_vs_openssl_speed": mul_rate / openssl_rate,
+    }
+    report = {
+        "settings": vars(args) | {"output": str(args.output)},
+        "pure_multiplication_per_second": mul_rate,
+        "openssl_speed_ecdhp521_per_second": openssl_rate,
+        "measurements": [asdict(r) for r in results],
+        "ratios": ratios,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+
+    print("\n| server | route | connection | req/s | p50 ms | p99 ms | p99.9 ms | CPU ms/req | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r.server} | {r.route} | {r.connection} | {r.requests_per_second:.0f} | {r.p50_ms:.2f} | "
+            f"{r.p99_ms:.2f} | {r.p999_ms:.2f} | {r.cpu_ms_per_request:.3f} | {r.errors} |"
+        )
+    print(f"\npure multiplication: {mul_rate:.0f}/s; openssl speed ecdhp521: {openssl_rate:.0f}/s")
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

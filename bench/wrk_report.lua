@@ -1,0 +1,20 @@
+-- Shared by every run: optional POST body from the environment, and one machine-readable summary line.
+local body_file = os.getenv("WRK_BODY_FILE")
+if body_file ~= nil and body_file ~= "" then
+  local f = assert(io.open(body_file, "rb"))
+  wrk.method = "POST"
+  wrk.body = f:read("*a")
+  f:close()
+end
+if os.getenv("WRK_CLOSE") == "1" then
+  wrk.headers["Connection"] = "close"
+end
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRK_JSON {\"requests\":%d,\"duration_us\":%d,\"socket_errors\":%d,\"non_2xx\":%d," ..
+    "\"p50_us\":%d,\"p99_us\":%d,\"p999_us\":%d}\n",
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
