@@ -116,7 +116,7 @@ def wrk(url: str, *, seconds: float, connections: int, cpus: str, body: Path | N
         "wrk",
         "-t1",
         f"-c{connections}",
-        f"-d{seconds}s",
+        f"-d{max(1, round(seconds))}s",
         "-s",
         str(HERE / "wrk_report.lua"),
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
@@ -18,6 +19,7 @@ from starlette.datastructures import URLPath
 from starlette.routing import BaseRoute, Match, NoMatchFound, Router
 from starlette.types import Message, Receive, Scope, Send
 
+from .accesslog import AccessLog
 from .keystore import KeyStore
 from .recovery import recover
 from .responses import ADVERTISEMENT_TYPE, JSON_TYPE, RECOVERY_TYPE, reply
@@ -31,8 +33,15 @@ Handler = Callable[[Scope, Receive, Send, str], Awaitable[None]]
 RAW_TARGET_EXTENSION = "tang.raw_target"
 
 
+#: Where the application keeps the target once computed, so that each route does not compute it again.
+TARGET_KEY = "tang.target"
+
+
 def request_target(scope: Scope) -> bytes:
     """The request target as the client sent it; reconstructed when the server did not provide it."""
+    cached = scope.get(TARGET_KEY)
+    if cached is not None:
+        return bytes(cached)
     raw = scope.get("extensions", {}).get(RAW_TARGET_EXTENSION)
     if raw is not None:
         return bytes(raw)
@@ -74,16 +83,18 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
 class TangApplication:
     """Checks the request target's length, then dispatches through the route table."""
 
-    def __init__(self, store: KeyStore, settings: Settings) -> None:
+    def __init__(self, store: KeyStore, settings: Settings, access_log: AccessLog | None = None) -> None:
         self.store = store
         self.settings = settings
+        self.access_log = access_log
         prefix = "/+" + re.escape(settings.prefix.strip("/")) if settings.prefix.strip("/") else ""
         thp = "/+([0-9A-Za-z_-]+)"
         self.router = Router(
             routes=[
+                # Recovery first: in a boot storm it is most of the traffic and the router stops at a match.
+                TangRoute(f"{prefix}/+rec{thp}", "POST", self.recover),
                 TangRoute(f"{prefix}/+adv/*", "GET", self.advertise),
                 TangRoute(f"{prefix}/+adv{thp}", "GET", self.advertise),
-                TangRoute(f"{prefix}/+rec{thp}", "POST", self.recover),
                 TangRoute(re.escape(settings.health_path), "GET", self.health),
                 TangRoute(re.escape(settings.ready_path), "GET", self.ready),
             ],
@@ -92,27 +103,43 @@ class TangApplication:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            if len(request_target(scope)) >= self.settings.max_target_bytes:
-                await reply(send, HTTPStatus.REQUEST_URI_TOO_LONG)
-                return
-            if _declared_length(scope) >= self.settings.max_body_bytes:
-                await reply(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-                return
-        started = False
+        if scope["type"] != "http":
+            await self.router(scope, receive, send)
+            return
+        began = time.perf_counter()
+        status = 0
 
         async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
             await send(message)
 
+        target = request_target(scope)
+        scope[TARGET_KEY] = target
         try:
-            await self.router(scope, receive, tracking_send)
+            if len(target) >= self.settings.max_target_bytes:
+                await reply(tracking_send, HTTPStatus.REQUEST_URI_TOO_LONG)
+            elif _declared_length(scope) >= self.settings.max_body_bytes:
+                await reply(tracking_send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            else:
+                await self.router(scope, receive, tracking_send)
         except Exception:
             # A bug must not become a response with a body (or a traceback): log it, answer an empty 500.
             logger.exception("error answering %s", scope.get("method"))
-            if not started and scope["type"] == "http":
-                await reply(send, HTTPStatus.INTERNAL_SERVER_ERROR)
+            if not status:
+                await reply(tracking_send, HTTPStatus.INTERNAL_SERVER_ERROR)
+        finally:
+            if self.access_log is not None:
+                client = scope.get("client")
+                self.access_log.record(
+                    client[0] if client else "-",
+                    scope["method"],
+                    target[:256].decode("latin-1"),
+                    scope.get("http_version", "1.1"),
+                    status,
+                    time.perf_counter() - began,
+                )
 
     async def advertise(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
         keyset = await self.store.current()

@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=positive, default=DEFAULT_MAX_BODY_BYTES)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
+    serve.add_argument("--access-log-format", choices=["plain", "json"], default="plain")
 
     keygen = commands.add_parser("keygen", help="write a new signing and exchange key pair (like tangd-keygen)")
     keygen.add_argument("directory", type=Path)
@@ -120,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_body_bytes=args.max_body_bytes,
                 log_level=args.log_level,
                 access_log=args.access_log,
+                access_log_format=args.access_log_format,
             )
         )
     elif args.command == "keygen":

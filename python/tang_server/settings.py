@@ -36,6 +36,7 @@ class Settings:
     ready_path: str = "/readyz"
     log_level: str = "info"
     access_log: bool = True
+    access_log_format: str = "plain"
 
     def to_environment(self) -> str:
         values = dataclasses.asdict(self)

@@ -39,7 +39,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         host="0.0.0.0",  # noqa: S104 - the reference binds every address
         port=args.port,
         prefix=args.endpoint,
-        access_log=args.listen,  # one connection per process: the reference logs to the journal itself
     )
     if args.listen:
         server.serve(settings)
