@@ -11,6 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 7500
 KEYS ?= keys
 WORKERS ?= 1
+BENCH_SECONDS ?= 5
 
 # Debian packages the interop tests and benchmarks drive: the real client, the jose oracle, the reference
 # server and the tools around it.
@@ -25,7 +26,7 @@ help:
 	@echo "make run    serve the Tang protocol on $(HOST):$(PORT) from ./$(KEYS) (keys generated on first start)"
 	@echo "make test   install everything needed, then run the Rust and Python tests and the linters"
 	@echo "make lint   ruff, mypy --strict, stubtest, cargo clippy -D warnings, cargo fmt --check"
-	@echo "make bench  P-521 candidates against openssl speed, and the micro benchmarks"
+	@echo "make bench  P-521 candidates against openssl speed, micro benchmarks, and the wrk load harness"
 
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
@@ -62,8 +63,9 @@ lint: $(STAMP)
 bench: $(STAMP) debian-packages
 	cargo run --release --quiet --manifest-path bench/p521-candidates/Cargo.toml
 	openssl speed -seconds 3 ecdhp521 2>/dev/null | tail -2
-	cargo run --release --quiet -p tang-p521 --example mul_rate
+	cargo build --release --quiet -p tang-p521 --example mul_rate
 	$(BIN)/pytest bench --benchmark-only --benchmark-columns=min,median,mean,ops
+	$(BIN)/python bench/load.py --seconds $(BENCH_SECONDS) --workers $(WORKERS)
 
 clean:
 	rm -rf $(VENV) target bench/p521-candidates/target
