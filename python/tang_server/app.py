@@ -121,6 +121,7 @@ class TangApplication:
             if len(target) >= self.settings.max_target_bytes:
                 await reply(tracking_send, HTTPStatus.REQUEST_URI_TOO_LONG)
             elif _declared_length(scope) >= self.settings.max_body_bytes:
+                await _discard_body(receive)
                 await reply(tracking_send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             else:
                 await self.router(scope, receive, tracking_send)
@@ -187,6 +188,12 @@ def _declared_length(scope: Scope) -> int:
     return 0
 
 
+#: How much of an oversized body is read and thrown away before answering 413. Closing a connection with unread
+#: data makes the kernel send a reset, and the client may never see the answer; reading an unbounded body
+#: would let a client keep a worker busy, so beyond this the connection is simply closed.
+DISCARD_LIMIT = 1 << 20
+
+
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
     """The whole request body, or None once it reaches `limit` bytes (chunked bodies have no declared length)."""
     chunks: list[bytes] = []
@@ -198,7 +205,20 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size >= limit:
+            if message.get("more_body", False):
+                await _discard_body(receive, DISCARD_LIMIT - size)
             return None
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+async def _discard_body(receive: Receive, limit: int = DISCARD_LIMIT) -> None:
+    discarded = 0
+    while discarded < limit:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        discarded += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
