@@ -172,3 +172,17 @@ def test_path_prefix_moves_every_route(keys: Path, tmp_path: Path) -> None:
         assert request(server.port, "GET", "/adv").status == 404
         assert request(server.port, "POST", f"/rec/{thumbprint(exchange)}", body).status == 404
         assert request(server.port, "GET", "/other/adv").status == 404
+
+
+def test_exchange_threads_give_the_same_answers(keys: Path, tmp_path: Path) -> None:
+    _, exchange = load_keys(keys)
+    bodies = [json.dumps(client_key()).encode() for _ in range(5)]
+    answers = {}
+    for threads in ("0", "2"):
+        with our_server(keys, tmp_path / f"log{threads}", "--exchange-threads", threads) as server:
+            answers[threads] = [
+                request(server.port, "POST", f"/rec/{thumbprint(exchange)}", body).body for body in bodies
+            ]
+            assert request(server.port, "POST", f"/rec/{thumbprint(exchange)}", b"[]").status == 400
+    assert answers["0"] == answers["2"]
+    assert all(len(answer) == 253 for answer in answers["0"])

@@ -8,11 +8,13 @@ paths, so the Tang routes are `TangRoute`s that implement exactly the reference'
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
 from starlette.datastructures import URLPath
@@ -87,6 +89,11 @@ class TangApplication:
         self.store = store
         self.settings = settings
         self.access_log = access_log
+        self.exchange_pool = (
+            ThreadPoolExecutor(settings.exchange_threads, thread_name_prefix="tang-exchange")
+            if settings.exchange_threads
+            else None
+        )
         prefix = "/+" + re.escape(settings.prefix.strip("/")) if settings.prefix.strip("/") else ""
         thp = "/+([0-9A-Za-z_-]+)"
         self.router = Router(
@@ -157,7 +164,12 @@ class TangApplication:
         if body is None:
             await reply(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             return
-        status, answer = recover(await self.store.current(), thp, body)
+        keyset = await self.store.current()
+        if self.exchange_pool is None:
+            status, answer = recover(keyset, thp, body)
+        else:  # the multiplication releases the GIL, so pool threads can use other cores
+            loop = asyncio.get_running_loop()
+            status, answer = await loop.run_in_executor(self.exchange_pool, recover, keyset, thp, body)
         await reply(send, status, answer, RECOVERY_TYPE if status == HTTPStatus.OK else None)
 
     async def health(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
