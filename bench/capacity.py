@@ -159,7 +159,6 @@ def measure(args: argparse.Namespace) -> int:
     axis.plot([o["offered_rps"] for o in offered], [o["p99_ms"] for o in offered], "s-", label="p99")
     axis.set_xlabel("offered /rec requests per second (one worker)")
     axis.set_ylabel("latency (ms)")
-    axis.set_yscale("log")
     axis.legend()
     figure.tight_layout()
     figure.savefig(out / "latency_by_offered_load.png", dpi=100)
