@@ -33,6 +33,12 @@ def worker_rss(parent: int) -> dict[int, int]:
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" in command:  # multiprocessing's helper, not a worker
+            continue
         if int(fields.get("PPid", "0").strip()) == parent:
             sizes[int(entry)] = int(fields["VmRSS"].split()[0])
     return sizes
