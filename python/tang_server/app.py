@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 from starlette.datastructures import URLPath
 from starlette.routing import BaseRoute, Match, NoMatchFound, Router
@@ -27,6 +29,9 @@ from .recovery import recover
 from .responses import ADVERTISEMENT_TYPE, JSON_TYPE, RECOVERY_TYPE, reply
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Scope, Receive, Send, str], Awaitable[None]]
@@ -34,6 +39,9 @@ Handler = Callable[[Scope, Receive, Send, str], Awaitable[None]]
 #: uvicorn puts the request target exactly as received here (see `protocol.py`).
 RAW_TARGET_EXTENSION = "tang.raw_target"
 
+
+#: Where the matched route's template is left for the metrics.
+ROUTE_KEY = "tang.route"
 
 #: Where the application keeps the target once computed, so that each route does not compute it again.
 TARGET_KEY = "tang.target"
@@ -54,7 +62,8 @@ def request_target(scope: Scope) -> bytes:
 class TangRoute(BaseRoute):
     """One row of the route table: a regular expression over the raw target, one method, one handler."""
 
-    def __init__(self, pattern: str, method: str, handler: Handler) -> None:
+    def __init__(self, name: str, pattern: str, method: str, handler: Handler) -> None:
+        self.name = name  # the route template, as metrics label it (never the key id: unbounded cardinality)
         self.pattern = re.compile(pattern.encode())
         self.method = method
         self.handler = handler
@@ -65,7 +74,7 @@ class TangRoute(BaseRoute):
         found = self.pattern.fullmatch(request_target(scope))
         if found is None:
             return Match.NONE, {}
-        child = {"path_params": {"thp": found.group(1).decode() if found.groups() else ""}}
+        child = {"path_params": {"thp": found.group(1).decode() if found.groups() else ""}, ROUTE_KEY: self.name}
         return (Match.FULL if scope["method"] == self.method else Match.PARTIAL), child
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -85,10 +94,17 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
 class TangApplication:
     """Checks the request target's length, then dispatches through the route table."""
 
-    def __init__(self, store: KeyStore, settings: Settings, access_log: AccessLog | None = None) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        settings: Settings,
+        access_log: AccessLog | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.access_log = access_log
+        self.metrics = metrics
         self.exchange_pool = (
             ThreadPoolExecutor(settings.exchange_threads, thread_name_prefix="tang-exchange")
             if settings.exchange_threads
@@ -99,11 +115,13 @@ class TangApplication:
         self.router = Router(
             routes=[
                 # Recovery first: in a boot storm it is most of the traffic and the router stops at a match.
-                TangRoute(f"{prefix}/+rec{thp}", "POST", self.recover),
-                TangRoute(f"{prefix}/+adv/*", "GET", self.advertise),
-                TangRoute(f"{prefix}/+adv{thp}", "GET", self.advertise),
-                TangRoute(re.escape(settings.health_path), "GET", self.health),
-                TangRoute(re.escape(settings.ready_path), "GET", self.ready),
+                TangRoute("/rec/{thp}", f"{prefix}/+rec{thp}", "POST", self.recover),
+                TangRoute("/adv", f"{prefix}/+adv/*", "GET", self.advertise),
+                TangRoute("/adv/{thp}", f"{prefix}/+adv{thp}", "GET", self.advertise),
+                TangRoute("health", re.escape(settings.health_path), "GET", self.health),
+                TangRoute("ready", re.escape(settings.ready_path), "GET", self.ready),
+                TangRoute("metrics", re.escape(settings.metrics_path), "GET", self.expose_metrics),
+                TangRoute("status", re.escape(settings.status_path), "GET", self.status),
             ],
             redirect_slashes=False,  # clevis runs curl without -L: a redirect is a failed unlock
             default=not_found,
@@ -124,6 +142,8 @@ class TangApplication:
 
         target = request_target(scope)
         scope[TARGET_KEY] = target
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
         try:
             if len(target) >= self.settings.max_target_bytes:
                 await reply(tracking_send, HTTPStatus.REQUEST_URI_TOO_LONG)
@@ -138,6 +158,12 @@ class TangApplication:
             if not status:
                 await reply(tracking_send, HTTPStatus.INTERNAL_SERVER_ERROR)
         finally:
+            elapsed = time.perf_counter() - began
+            if self.metrics is not None:
+                route = scope.get(ROUTE_KEY, "unmatched")
+                self.metrics.in_flight.dec()
+                self.metrics.requests.labels(route, scope["method"], status).inc()
+                self.metrics.duration.labels(route).observe(elapsed)
             if self.access_log is not None:
                 client = scope.get("client")
                 self.access_log.record(
@@ -146,7 +172,7 @@ class TangApplication:
                     target[:256].decode("latin-1"),
                     scope.get("http_version", "1.1"),
                     status,
-                    time.perf_counter() - began,
+                    elapsed,
                 )
 
     async def advertise(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
@@ -165,11 +191,14 @@ class TangApplication:
             await reply(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             return
         keyset = await self.store.current()
+        began = time.perf_counter()
         if self.exchange_pool is None:
             status, answer = recover(keyset, thp, body)
         else:  # the multiplication releases the GIL, so pool threads can use other cores
             loop = asyncio.get_running_loop()
             status, answer = await loop.run_in_executor(self.exchange_pool, recover, keyset, thp, body)
+        if self.metrics is not None:
+            self.metrics.exchange.observe(time.perf_counter() - began)
         await reply(send, status, answer, RECOVERY_TYPE if status == HTTPStatus.OK else None)
 
     async def health(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
@@ -188,6 +217,27 @@ class TangApplication:
         }
         status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
         await reply(send, status, json.dumps(body, separators=(",", ":")).encode(), JSON_TYPE)
+
+    async def expose_metrics(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
+        if self.metrics is None:
+            await reply(send, HTTPStatus.NOT_FOUND)
+            return
+        await self.metrics.expose(scope, receive, send)
+
+    async def status(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
+        """What this worker serves, for fleet tooling: public information only (thumbprints, never keys)."""
+        keyset = await self.store.current()
+        body = {
+            "digest": keyset.digest,
+            "ready": keyset.ready,
+            "visible": [{"kid": key.kid, "kind": key.kind.value} for key in keyset.visible],
+            "hidden": [{"kid": key.kid, "kind": key.kind.value} for key in keyset.hidden],
+            "loaded_at": self.store.loaded_at,
+            "problems": list(keyset.problems),
+            "directory_error": self.store.failure,
+            "pid": os.getpid(),
+        }
+        await reply(send, HTTPStatus.OK, json.dumps(body, separators=(",", ":")).encode(), JSON_TYPE)
 
 
 def _declared_length(scope: Scope) -> int:

@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--health-path", default="/healthz", help="liveness endpoint (default: %(default)s)")
     serve.add_argument("--ready-path", default="/readyz", help="readiness endpoint (default: %(default)s)")
+    serve.add_argument("--metrics-path", default="/metrics", help="Prometheus endpoint (default: %(default)s)")
+    serve.add_argument("--status-path", default="/status", help="key-set status JSON (default: %(default)s)")
+    serve.add_argument("--metrics-dir", help="directory for the workers' metrics files (default: a temporary one)")
     serve.add_argument("--max-target-bytes", type=positive, default=DEFAULT_MAX_TARGET_BYTES)
     serve.add_argument("--max-body-bytes", type=positive, default=DEFAULT_MAX_BODY_BYTES)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -124,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 recheck_seconds=args.recheck_seconds,
                 health_path=args.health_path,
                 ready_path=args.ready_path,
+                metrics_path=args.metrics_path,
+                status_path=args.status_path,
+                metrics_dir=args.metrics_dir,
                 max_target_bytes=args.max_target_bytes,
                 max_body_bytes=args.max_body_bytes,
                 log_level=args.log_level,

@@ -23,6 +23,7 @@ import select
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 from inotify_simple import INotify, flags
 
@@ -51,9 +52,25 @@ _MISSING_RETRY_SECONDS = 0.5
 DEFAULT_RECHECK_SECONDS = 30.0
 
 
+class KeyStoreListener(Protocol):
+    """Told about every key set swapped in and every failed read (the metrics implement it)."""
+
+    def keyset_loaded(self, keyset: KeySet) -> None: ...
+
+    def reload_failed(self) -> None: ...
+
+
 class KeyStore:
-    def __init__(self, directory: Path, *, auto_keygen: bool, recheck_seconds: float = DEFAULT_RECHECK_SECONDS) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        auto_keygen: bool,
+        recheck_seconds: float = DEFAULT_RECHECK_SECONDS,
+        listener: KeyStoreListener | None = None,
+    ) -> None:
         self.directory = directory
+        self.listener = listener
         self.auto_keygen = auto_keygen
         self.recheck_seconds = recheck_seconds
         self._inotify = INotify()
@@ -159,9 +176,13 @@ class KeyStore:
                 logger.warning("key directory %s: %s", self.directory, problem)
         self._keyset = keyset
         self.loaded_at = time.time()
+        if self.listener is not None:
+            self.listener.keyset_loaded(keyset)
 
     def _report_failure(self, reason: str) -> None:
         self.reload_failures += 1
+        if self.listener is not None:
+            self.listener.reload_failed()
         if reason != self.failure:  # say it once per failure, not once per request
             logger.error("%s; serving the previous key set (%s)", reason, self._keyset.digest[:16])
             self.failure = reason

@@ -10,7 +10,9 @@ import signal
 import socket
 import stat
 import sys
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -22,7 +24,7 @@ from .accesslog import AccessLog
 from .app import TangApplication
 from .keystore import KeyStore
 from .protocol import TangHttpProtocol
-from .settings import ENVIRONMENT_VARIABLE, Settings
+from .settings import ENVIRONMENT_VARIABLE, MULTIPROCESS_ENVIRONMENT, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +46,17 @@ def log_config(settings: Settings) -> dict[str, Any]:
 
 
 def build_application(settings: Settings) -> TangApplication:
-    store = KeyStore(settings.keys_dir, auto_keygen=settings.auto_keygen, recheck_seconds=settings.recheck_seconds)
+    from .metrics import Metrics  # imported here: after the multiprocess directory is in the environment
+
+    metrics = Metrics()
+    store = KeyStore(
+        settings.keys_dir,
+        auto_keygen=settings.auto_keygen,
+        recheck_seconds=settings.recheck_seconds,
+        listener=metrics,
+    )
     access_log = AccessLog(fmt=settings.access_log_format) if settings.access_log else None
-    return TangApplication(store, settings, access_log)
+    return TangApplication(store, settings, access_log, metrics)
 
 
 def create_app() -> TangApplication:
@@ -72,6 +82,12 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
     )
 
 
+def prepare_metrics_directory(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for path in directory.glob("*.db"):  # a previous run's counters would add up with ours
+        path.unlink()
+
+
 def serve(settings: Settings) -> None:
     """Listen on a TCP port or a Unix socket with `settings.workers` processes until SIGTERM or SIGINT."""
     logging.config.dictConfig(log_config(settings))
@@ -80,6 +96,9 @@ def serve(settings: Settings) -> None:
         settings.keys_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         for path in keyfiles.ensure_keys(settings.keys_dir):
             logger.info("generated key %s", path.name)
+    metrics_dir = Path(settings.metrics_dir or tempfile.mkdtemp(prefix="tang-server-metrics-"))
+    prepare_metrics_directory(metrics_dir)
+    os.environ[MULTIPROCESS_ENVIRONMENT] = str(metrics_dir)
     os.environ[ENVIRONMENT_VARIABLE] = settings.to_environment()
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the previous handler: make that an exit
     # with status 0, as service managers and `tangd` users expect from a clean stop.

@@ -10,6 +10,8 @@ from pathlib import Path
 
 #: Worker processes are started by uvicorn from an import string, so they read their settings from here.
 ENVIRONMENT_VARIABLE = "TANG_SERVER_SETTINGS"
+#: prometheus-client's own variable: where worker processes keep their metric files.
+MULTIPROCESS_ENVIRONMENT = "PROMETHEUS_MULTIPROC_DIR"
 
 DEFAULT_PORT = 7500
 DEFAULT_MAX_TARGET_BYTES = 4096  # a request target this long or longer is 414, as in the reference
@@ -36,6 +38,11 @@ class Settings:
     #: Liveness (the process answers) and readiness (a usable key set is loaded); exact paths, never prefixed.
     health_path: str = "/healthz"
     ready_path: str = "/readyz"
+    #: Prometheus metrics and the key-set status (JSON, public information only); exact paths, never prefixed.
+    metrics_path: str = "/metrics"
+    status_path: str = "/status"
+    #: Where the workers' metrics files live (emptied at start); None: a fresh temporary directory.
+    metrics_dir: str | None = None
     log_level: str = "info"
     access_log: bool = True
     access_log_format: str = "plain"

@@ -1,0 +1,153 @@
+"""Prometheus metrics, correct across uvicorn's worker processes.
+
+Every worker writes its samples to memory-mapped files in a directory shared by the workers (prometheus-client's
+multiprocess mode); `/metrics`, answered by whichever worker the connection reaches, merges them all. The server
+creates and empties that directory before the workers start, and the files of workers that died are marked dead
+before each scrape, so live gauges never report a worker that no longer exists.
+
+Import this module only after `PROMETHEUS_MULTIPROC_DIR` is set: prometheus-client decides at import time
+whether values live in files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app, multiprocess
+
+from . import __version__
+from ._native import ENGINE
+from .settings import MULTIPROCESS_ENVIRONMENT
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
+    from .keyset import KeySet
+
+
+#: Sub-millisecond resolution at the bottom (an /adv is tens of microseconds), seconds at the top (overload).
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+_PID_FILE = re.compile(r".*_(\d+)\.db$")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.directory = os.environ.get(MULTIPROCESS_ENVIRONMENT)
+        own = CollectorRegistry()
+        self.requests = Counter(
+            "tang_http_requests",
+            "HTTP requests answered, by route template and status.",
+            ["route", "method", "status"],
+            registry=own,
+        )
+        self.duration = Histogram(
+            "tang_http_request_duration_seconds",
+            "Time to answer a request, by route template.",
+            ["route"],
+            buckets=BUCKETS,
+            registry=own,
+        )
+        self.exchange = Histogram(
+            "tang_recovery_exchange_duration_seconds",
+            "The /rec work without HTTP: request validation and the P-521 multiplication.",
+            buckets=BUCKETS,
+            registry=own,
+        )
+        self.in_flight = Gauge(
+            "tang_http_requests_in_flight", "Requests being answered.", multiprocess_mode="livesum", registry=own
+        )
+        self.keys = Gauge(
+            "tang_keys",
+            "Keys loaded, by visibility and kind, per worker.",
+            ["visibility", "kind"],
+            multiprocess_mode="liveall",
+            registry=own,
+        )
+        self.keyset_info = Gauge(
+            "tang_keyset_info",
+            "1 for the key-set digest a worker serves (0 for digests it served before).",
+            ["digest"],
+            multiprocess_mode="liveall",
+            registry=own,
+        )
+        self.last_reload = Gauge(
+            "tang_keyset_last_reload_timestamp_seconds",
+            "When the worker last loaded its key directory.",
+            multiprocess_mode="liveall",
+            registry=own,
+        )
+        self.ready = Gauge(
+            "tang_keyset_ready",
+            "1 when the worker's key set can serve clients (visible signing and exchange key).",
+            multiprocess_mode="liveall",
+            registry=own,
+        )
+        self.reload_failures = Counter(
+            "tang_keyset_reload_failures",
+            "Key directory reads that failed (the previous set kept serving).",
+            registry=own,
+        )
+        self.build_info = Gauge(
+            "tang_build_info",
+            "Version and P-521 engine.",
+            ["version", "engine"],
+            multiprocess_mode="livemax",
+            registry=own,
+        )
+        self.build_info.labels(__version__, ENGINE).set(1)
+        self._digest: str | None = None
+        if self.directory is not None:
+            exposition = CollectorRegistry()
+            multiprocess.MultiProcessCollector(exposition, path=self.directory)  # type: ignore[no-untyped-call]
+        else:
+            exposition = own
+        self._exposition: ASGIApp = make_asgi_app(exposition)
+
+    def keyset_loaded(self, keyset: KeySet) -> None:
+        """Called by the key store each time it swaps a set in."""
+        if keyset.digest != self._digest:
+            if self._digest is not None:
+                # Multiprocess files cannot forget a label set, so the old digest is kept at 0.
+                self.keyset_info.labels(self._digest).set(0)
+            self.keyset_info.labels(keyset.digest).set(1)
+            self._digest = keyset.digest
+        for hidden in (False, True):
+            for kind in ("signing", "exchange"):
+                count = sum(key.hidden == hidden and key.kind.value == kind for key in keyset.keys)
+                self.keys.labels("hidden" if hidden else "visible", kind).set(count)
+        self.ready.set(1 if keyset.ready else 0)
+        self.last_reload.set(time.time())
+
+    def reload_failed(self) -> None:
+        self.reload_failures.inc()
+
+    async def expose(self, scope: object, receive: object, send: object) -> None:
+        if self.directory is not None:
+            self._mark_dead_workers()
+        await self._exposition(scope, receive, send)  # type: ignore[arg-type]
+
+    def _mark_dead_workers(self) -> None:
+        """Workers replaced by uvicorn leave files behind; their live gauges must stop counting."""
+        assert self.directory is not None
+        pids = set()
+        for name in os.listdir(self.directory):
+            found = _PID_FILE.match(name)
+            if found:
+                pids.add(int(found.group(1)))
+        for pid in pids:
+            if not _alive(pid):
+                multiprocess.mark_process_dead(pid, self.directory)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
