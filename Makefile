@@ -16,7 +16,7 @@ SOAK_MINUTES ?= 3
 
 # Debian packages the interop tests and benchmarks drive: the real client, the jose oracle, the reference
 # server and the tools around it.
-DEBIAN_PACKAGES := clevis jose tang socat curl wrk openssl
+DEBIAN_PACKAGES := clevis jose tang socat curl wrk openssl prometheus
 
 SOURCES := pyproject.toml Cargo.toml Cargo.lock $(wildcard rust/*/Cargo.toml) \
 	$(shell find rust python -name '*.rs' -o -name '*.pyi' 2>/dev/null)
