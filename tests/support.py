@@ -70,10 +70,32 @@ def running(command: Sequence[str], port: int, log: Path, env: dict[str, str] | 
             process.wait()
 
 
-def our_server(keys: Path, log: Path, *extra: str, workers: int = 1) -> contextlib.AbstractContextManager[Server]:
+@contextlib.contextmanager
+def our_server(keys: Path, log: Path, *extra: str, workers: int = 1) -> Iterator[Server]:
+    """Our server on a free port; when it stops, its whole log is checked for private key material."""
     port = free_port()
     command = [str(BIN / "tang-server"), "serve", "--keys-dir", str(keys), "--port", str(port)]
-    return running([*command, "--workers", str(workers), *extra], port, log)
+    secrets = private_members(keys)
+    with running([*command, "--workers", str(workers), *extra], port, log) as server:
+        yield server
+    assert_no_secrets(log.read_text(errors="replace"), secrets | private_members(keys))
+
+
+def private_members(directory: Path) -> set[str]:
+    """The `d` of every key file in a directory (and in a Secret volume's data directory), if readable."""
+    found = set()
+    for path in directory.glob("**/*.jwk") if directory.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            value = json.loads(path.read_text()).get("d")
+            if isinstance(value, str):
+                found.add(value)
+    return found
+
+
+def assert_no_secrets(text: str, secrets: set[str]) -> None:
+    assert '"d"' not in text, "a JWK private member appears in the log"
+    for secret in secrets:
+        assert secret[:16] not in text, "private key material appears in the log"
 
 
 def reference_server(keys: Path, log: Path) -> contextlib.AbstractContextManager[Server]:

@@ -9,7 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from .support import client_key, load_keys, our_server, request, thumbprint
+from tang_server.clientaddress import client_address, parse_networks
+
+from .support import (
+    assert_no_secrets,
+    client_key,
+    load_keys,
+    our_server,
+    parse_response,
+    private_members,
+    raw_request,
+    request,
+    thumbprint,
+)
 
 PLAIN = re.compile(
     r"^(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<client>\S+) "
@@ -56,3 +68,47 @@ def test_access_log_can_be_turned_off(keys: Path, tmp_path: Path) -> None:
         assert request(server.port, "GET", "/adv").status == 200
         time.sleep(0.5)
         assert "/adv" not in server.log_text()
+
+
+def test_forwarded_for_believed_only_from_trusted_proxies(keys: Path, tmp_path: Path) -> None:
+    headers = "X-Forwarded-For: 203.0.113.9, 198.51.100.7\r\n"
+    data = f"GET /adv HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n".encode()
+    with our_server(keys, tmp_path / "trusting", "--trusted-proxy", "127.0.0.0/8") as server:
+        assert parse_response(raw_request(server.port, data)).status == 200
+        time.sleep(0.5)
+        trusting = server.log_text()
+    with our_server(keys, tmp_path / "distrusting") as server:
+        assert parse_response(raw_request(server.port, data)).status == 200
+        time.sleep(0.5)
+        distrusting = server.log_text()
+    assert ' 198.51.100.7 "GET /adv' in trusting  # the right-most address not a trusted proxy
+    assert "203.0.113.9" not in trusting  # what a client may have written itself
+    assert ' 127.0.0.1 "GET /adv' in distrusting
+
+
+@pytest.mark.parametrize(
+    ("peer", "header", "expected"),
+    [
+        ("10.0.0.2", b"1.2.3.4", "1.2.3.4"),
+        ("10.0.0.2", b"1.2.3.4, 10.0.0.3", "1.2.3.4"),  # through two trusted proxies
+        ("10.0.0.2", b"spoofed, 5.6.7.8", "5.6.7.8"),
+        ("10.0.0.2", b"not-an-address", "10.0.0.2"),
+        ("10.0.0.2", b"", "10.0.0.2"),
+        ("192.0.2.1", b"1.2.3.4", "192.0.2.1"),  # untrusted peer: header ignored
+        ("10.0.0.2", None, "10.0.0.2"),
+    ],
+)
+def test_client_address_rules(peer: str, header: bytes | None, expected: str) -> None:
+    trusted = parse_networks(["10.0.0.0/8"])
+    assert client_address(peer, header, trusted) == expected
+
+
+def test_log_secret_check_can_fail(keys: Path) -> None:
+    """The check every server log goes through (support.our_server) does catch key material."""
+    secrets = private_members(keys)
+    assert len(secrets) == 2
+    with pytest.raises(AssertionError):
+        assert_no_secrets("2026 ... " + next(iter(secrets)), secrets)
+    with pytest.raises(AssertionError):
+        assert_no_secrets('{"d":"x"}', set())
+    assert_no_secrets("nothing to see", secrets)

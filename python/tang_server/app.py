@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Match, NoMatchFound, Router
 from starlette.types import Message, Receive, Scope, Send
 
 from .accesslog import AccessLog
+from .clientaddress import client_address, parse_networks
 from .keystore import KeyStore
 from .recovery import recover
 from .responses import ADVERTISEMENT_TYPE, JSON_TYPE, RECOVERY_TYPE, reply
@@ -105,6 +106,7 @@ class TangApplication:
         self.settings = settings
         self.access_log = access_log
         self.metrics = metrics
+        self.trusted = parse_networks(settings.trusted_proxies)
         self.exchange_pool = (
             ThreadPoolExecutor(settings.exchange_threads, thread_name_prefix="tang-exchange")
             if settings.exchange_threads
@@ -165,9 +167,9 @@ class TangApplication:
                 self.metrics.requests.labels(route, scope["method"], status).inc()
                 self.metrics.duration.labels(route).observe(elapsed)
             if self.access_log is not None:
-                client = scope.get("client")
+                peer = scope.get("client")
                 self.access_log.record(
-                    client[0] if client else "-",
+                    client_address(peer[0] if peer else None, _header(scope, b"x-forwarded-for"), self.trusted),
                     scope["method"],
                     target[:256].decode("latin-1"),
                     scope.get("http_version", "1.1"),
@@ -238,6 +240,13 @@ class TangApplication:
             "pid": os.getpid(),
         }
         await reply(send, HTTPStatus.OK, json.dumps(body, separators=(",", ":")).encode(), JSON_TYPE)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
 
 
 def _declared_length(scope: Scope) -> int:

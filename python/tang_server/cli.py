@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,14 @@ def port_number(text: str) -> int:
     if not 0 < port < 65536:
         raise argparse.ArgumentTypeError(f"invalid port: {text}")
     return port
+
+
+def network(text: str) -> str:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
 
 
 def positive(text: str) -> int:
@@ -65,6 +74,13 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     serve.add_argument("--access-log-format", choices=["plain", "json"], default="plain")
+    serve.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        type=network,
+        help="CIDR of a proxy whose X-Forwarded-For names the client in the access log (repeatable)",
+    )
 
     keygen = commands.add_parser("keygen", help="write a new signing and exchange key pair (like tangd-keygen)")
     keygen.add_argument("directory", type=Path)
@@ -135,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log_level=args.log_level,
                 access_log=args.access_log,
                 access_log_format=args.access_log_format,
+                trusted_proxies=tuple(args.trusted_proxy),
             )
         )
     elif args.command == "keygen":

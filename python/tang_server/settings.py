@@ -46,6 +46,8 @@ class Settings:
     log_level: str = "info"
     access_log: bool = True
     access_log_format: str = "plain"
+    #: Peers (CIDR) whose X-Forwarded-For is believed for the client address in the access log.
+    trusted_proxies: tuple[str, ...] = ()
 
     def to_environment(self) -> str:
         values = dataclasses.asdict(self)
@@ -56,4 +58,5 @@ class Settings:
     def from_environment(cls) -> Settings:
         values = json.loads(os.environ[ENVIRONMENT_VARIABLE])
         values["keys_dir"] = Path(values["keys_dir"])
+        values["trusted_proxies"] = tuple(values["trusted_proxies"])
         return cls(**values)
