@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from load import BIN, HERE, free_port, started
+from load import HERE, free_port, prepare_keys, serve_command, started
 
 
 def plan(machines: int, seconds: float, rate: float, devices: int = 1, headroom: float = 0.5) -> dict[str, float]:
@@ -81,28 +81,11 @@ def measure(args: argparse.Namespace) -> int:
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     try:
-        keys = work / "keys"
-        subprocess.run([str(BIN / "tang-server"), "keygen", str(keys)], check=True, capture_output=True)
-        exchange = next(p for p in keys.iterdir() if "deriveKey" in p.read_text())
-        body = work / "client.json"
-        body.write_bytes(
-            subprocess.run(["jose", "jwk", "pub", "-i", str(exchange)], capture_output=True, check=True).stdout
-        )  # any valid P-521 point will do
-        path = f"/rec/{exchange.name.removesuffix('.jwk')}"
+        keys, path, body = prepare_keys(work)
         by_workers = []
         for workers in range(1, args.max_workers + 1):
             port = free_port()
-            command = [
-                str(BIN / "tang-server"),
-                "serve",
-                "--keys-dir",
-                str(keys),
-                "--port",
-                str(port),
-                "--workers",
-                str(workers),
-                "--no-auto-keygen",
-            ]
+            command = serve_command(keys, port, workers)
             server_cpus = "1" if cpus > 1 and workers == 1 else f"0-{cpus - 1}"
             load_cpus = "0" if cpus > 1 and workers == 1 else f"0-{cpus - 1}"
             with started(command, port, server_cpus):

@@ -125,6 +125,26 @@ def wrk(url: str, *, seconds: float, connections: int, cpus: str, body: Path | N
     return dict(json.loads(line.removeprefix("WRK_JSON ")))
 
 
+def serve_command(keys: Path, port: int, workers: int, *extra: str) -> list[str]:
+    """Our server as the benchmarks run it: no key generation, the given workers."""
+    return [str(BIN / "tang-server"), "serve", "--keys-dir", str(keys), "--port", str(port),
+            "--workers", str(workers), "--no-auto-keygen", *extra]  # fmt: skip
+
+
+def prepare_keys(work: Path) -> tuple[Path, str, Path]:
+    """A key directory made by the reference's tangd-keygen, the /rec path of its exchange key, and a file
+    holding a client's public key (what clevis posts)."""
+    keys = work / "keys"
+    keys.mkdir()
+    subprocess.run(["/usr/libexec/tangd-keygen", str(keys)], check=True, capture_output=True)
+    exchange = next(p for p in keys.iterdir() if "deriveKey" in p.read_text())
+    client = subprocess.run(["jose", "jwk", "gen", "-i", '{"alg":"ECMR"}'], capture_output=True, check=True).stdout
+    body = work / "client.json"
+    body.write_bytes(subprocess.run(["jose", "jwk", "pub", "-i-"], input=client, capture_output=True,
+                                    check=True).stdout)  # fmt: skip
+    return keys, f"/rec/{exchange.name.removesuffix('.jwk')}", body
+
+
 def measure(
     name: str,
     process: subprocess.Popen[bytes],
@@ -201,30 +221,12 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="tang-load-"))
     try:
-        keys = work / "keys"
-        keys.mkdir()
-        subprocess.run(["/usr/libexec/tangd-keygen", str(keys)], check=True, capture_output=True)
-        exchange = next(p for p in keys.iterdir() if "deriveKey" in p.read_text())
-        body = work / "client.json"
-        client = subprocess.run(["jose", "jwk", "gen", "-i", '{"alg":"ECMR"}'], capture_output=True, check=True).stdout
-        public = subprocess.run(["jose", "jwk", "pub", "-i-"], input=client, capture_output=True, check=True).stdout
-        body.write_bytes(public)
-        rec_path = f"/rec/{exchange.name.removesuffix('.jwk')}"
+        keys, rec_path, body = prepare_keys(work)
         routes = {"adv": ("/adv", None), "rec": (rec_path, body)}
         results: list[Measurement] = []
 
         port = free_port()
-        ours = [
-            str(BIN / "tang-server"),
-            "serve",
-            "--keys-dir",
-            str(keys),
-            "--port",
-            str(port),
-            "--workers",
-            str(args.workers),
-            "--no-auto-keygen",
-        ]
+        ours = serve_command(keys, port, args.workers)
         print(f"ours ({args.workers} worker(s) on CPUs {args.server_cpus}):", flush=True)
         with started(ours, port, args.server_cpus) as process:
             results += measure("ours", process, f"http://127.0.0.1:{port}", routes, args)

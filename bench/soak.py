@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from load import BIN, HERE, free_port, started
+from load import HERE, free_port, prepare_keys, serve_command, started
 
 
 def worker_rss(parent: int) -> dict[int, int]:
@@ -52,30 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seconds = int(args.minutes * 60)
     work = Path(tempfile.mkdtemp(prefix="tang-soak-"))
-    keys = work / "keys"
-    subprocess.run([str(BIN / "tang-server"), "keygen", str(keys)], check=True, capture_output=True)
-    exchange = next(p for p in keys.iterdir() if "deriveKey" in p.read_text())
-    body = work / "client.json"
-    body.write_bytes(
-        subprocess.run(["jose", "jwk", "pub", "-i", str(exchange)], capture_output=True, check=True).stdout
-    )
+    keys, rec_path, body = prepare_keys(work)
     bad = work / "bad.json"
     bad.write_text('{"kty":"EC","crv":"P-521","x":"AAAA","y":"AAAA"}')
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    rec = f"{base}/rec/{exchange.name.removesuffix('.jwk')}"
-    command = [
-        str(BIN / "tang-server"),
-        "serve",
-        "--keys-dir",
-        str(keys),
-        "--port",
-        str(port),
-        "--workers",
-        str(args.workers),
-        "--no-auto-keygen",
-        "--no-access-log",
-    ]
+    rec = base + rec_path
+    command = serve_command(keys, port, args.workers, "--no-access-log")
     loads = [
         (rec, body, False),
         (rec, body, True),
