@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__, client, keyfiles, server
+from .keyset import load_keyset
 from .settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TARGET_BYTES, DEFAULT_PORT, Settings
 
 
@@ -105,6 +106,21 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every hidden key except a staged pair")
     which.add_argument("--kid", action="append", help="a hidden key's thumbprint (any hash); repeatable")
 
+    fleet = commands.add_parser("fleet", help="see and wait for the key sets of every replica and worker")
+    fleet_commands = fleet.add_subparsers(dest="fleet_command", required=True)
+    status = fleet_commands.add_parser("status", help="the digest and key ids each replica and worker serves")
+    status.add_argument("targets", nargs="+", help="URLs, or DNS names resolving to every replica")
+    waiting = fleet_commands.add_parser("wait", help="wait until every worker serves a digest")
+    waiting.add_argument("--digest", required=True)
+    waiting.add_argument("--timeout", type=float, default=300.0)
+    waiting.add_argument("targets", nargs="+")
+    rotation = fleet_commands.add_parser(
+        "rotate", help="two-phase rotation of a key directory the replicas share, waiting for them between phases"
+    )
+    rotation.add_argument("--keys-dir", type=Path, required=True)
+    rotation.add_argument("--timeout", type=float, default=300.0, help="per phase")
+    rotation.add_argument("targets", nargs="+")
+
     show = commands.add_parser("show-keys", help="print the S256 thumbprints of the advertised signing keys")
     show.add_argument("url", nargs="?", default=f"http://127.0.0.1:{DEFAULT_PORT}")
     return top
@@ -125,6 +141,41 @@ def rotate(args: argparse.Namespace) -> None:
         print(f"visible  {name}")
     for name in hidden:
         print(f"hidden   {name} -> .{name}")
+
+
+def fleet_command(args: argparse.Namespace) -> int:
+    from . import fleet  # imports prometheus-client, which the serve path must import later
+
+    if args.fleet_command == "status":
+        replicas = fleet.survey(args.targets)
+        print(fleet.report(replicas))
+        return 0 if fleet.agreed_digest(replicas) else 1
+    if args.fleet_command == "wait":
+        return 0 if fleet.wait(args.targets, args.digest, args.timeout) else 1
+    return two_phase_rotation(args, fleet.wait)
+
+
+def two_phase_rotation(args: argparse.Namespace, wait: Callable[[list[str], str, float], bool]) -> int:
+    """stage -> every worker serves it -> promote -> every worker serves it. Deleting old keys stays separate."""
+    try:
+        for path in keyfiles.stage(args.keys_dir):
+            print(f"1/4 staged   {path.name}")
+        staged = load_keyset(args.keys_dir).digest
+        print(f"2/4 waiting for every replica to serve {staged[:16]}")
+        if not wait(args.targets, staged, args.timeout):
+            print("stopped before promoting: the staged keys are hidden, nothing is advertised yet", file=sys.stderr)
+            return 1
+        promoted, hidden = keyfiles.promote(args.keys_dir)
+        print(f"3/4 promoted {' '.join(promoted)}; hidden {' '.join(hidden)}")
+        final = load_keyset(args.keys_dir).digest
+        print(f"4/4 waiting for every replica to serve {final[:16]}")
+        if not wait(args.targets, final, args.timeout):
+            return 1
+    except keyfiles.RotationError as exc:
+        print(f"tang-server fleet rotate: {exc}", file=sys.stderr)
+        return 1
+    print("done; delete the old hidden keys with `tang-server delete-hidden` once clients have re-bound")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"deleted {kid} ({name})")
         if not removed:
             print("no hidden keys to delete")
+    elif args.command == "fleet":
+        return fleet_command(args)
     elif args.command == "show-keys":
         try:
             for thumbprint in client.verify_key_thumbprints(client.fetch_advertisement(args.url)):
