@@ -11,7 +11,7 @@ from tang_server import keyfiles
 from tang_server.fleet import replica_urls
 from tang_server.keyset import load_keyset
 
-from .support import BIN, our_server
+from .support import BIN, our_server, request
 
 TANG_SERVER = str(BIN / "tang-server")
 
@@ -78,3 +78,18 @@ def test_two_phase_rotation_over_a_shared_directory(keys: Path, tmp_path: Path) 
 
 def test_replica_urls_expand_names_to_addresses() -> None:
     assert replica_urls(["http://127.0.0.1:7500", "127.0.0.2"]) == ["http://127.0.0.1:7500", "http://127.0.0.2:7500"]
+
+
+def test_fleet_mode_refuses_key_generation_and_waits_for_keys(tmp_path: Path) -> None:
+    empty = tmp_path / "keys"
+    empty.mkdir()
+    refused = _cli("serve", "--fleet", "--auto-keygen", "--keys-dir", str(empty))
+    assert refused.returncode == 2
+    assert "refused" in refused.stderr
+    with our_server(empty, tmp_path / "log", "--fleet", workers=2) as server:
+        ready = request(server.port, "GET", "/readyz")
+        assert ready.status == 503
+        assert "no visible signing key" in ready.body.decode()
+        assert list(empty.iterdir()) == []  # nothing generated
+        keyfiles.generate_keys(empty)  # keys arrive (from a Secret, say): ready at once
+        assert request(server.port, "GET", "/readyz").status == 200

@@ -56,8 +56,13 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--auto-keygen",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="generate a key pair when the directory has no visible key (default: on; turn off for replicas)",
+        default=None,
+        help="generate a key pair when the directory has no visible key (default: on, off with --fleet)",
+    )
+    serve.add_argument(
+        "--fleet",
+        action="store_true",
+        help="one of several replicas sharing keys: never generate keys (each replica would invent its own)",
     )
     serve.add_argument(
         "--recheck-seconds",
@@ -180,6 +185,10 @@ def two_phase_rotation(args: argparse.Namespace, wait: Callable[[list[str], str,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "serve" and args.fleet and args.auto_keygen:
+        print("tang-server serve: --auto-keygen is refused with --fleet: replicas would each invent keys; "
+              "distribute keys with a Secret or shared volume instead", file=sys.stderr)  # fmt: skip
+        return 2
     if args.command == "serve":
         server.serve(
             Settings(
@@ -190,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 workers=args.workers,
                 exchange_threads=args.exchange_threads,
                 prefix=args.prefix,
-                auto_keygen=args.auto_keygen,
+                auto_keygen=not args.fleet if args.auto_keygen is None else args.auto_keygen,
                 recheck_seconds=args.recheck_seconds,
                 health_path=args.health_path,
                 ready_path=args.ready_path,
