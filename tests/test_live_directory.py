@@ -15,7 +15,18 @@ import pytest
 
 from tang_server import b64, keyfiles
 
-from .support import BIN, Server, client_key, free_port, load_keys, our_server, request, running, thumbprint
+from .support import (
+    BIN,
+    SecretVolume,
+    Server,
+    client_key,
+    free_port,
+    load_keys,
+    our_server,
+    request,
+    running,
+    thumbprint,
+)
 
 
 def _advertised(port: int) -> set[str]:
@@ -27,33 +38,6 @@ def _advertised(port: int) -> set[str]:
 
 def _rec(port: int, kid: str) -> int:
     return request(port, "POST", f"/rec/{kid}", json.dumps(client_key()).encode()).status
-
-
-class SecretVolume:
-    """A directory updated exactly as the kubelet updates a Secret volume (AtomicWriter)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.mkdir()
-        self.generation = 0
-
-    def publish(self, files: dict[str, bytes]) -> None:
-        self.generation += 1
-        new = self.path / f"..2026_11_24_00_00_{self.generation:02d}.{os.getpid()}"
-        new.mkdir()
-        for name, content in files.items():
-            (new / name).write_bytes(content)
-        old = os.readlink(self.path / "..data") if (self.path / "..data").exists() else None
-        os.symlink(new.name, self.path / "..data_tmp")
-        os.rename(self.path / "..data_tmp", self.path / "..data")  # the atomic swap
-        for name in files:  # visible names are symlinks through ..data
-            if not (self.path / name).is_symlink():
-                os.symlink(f"..data/{name}", self.path / name)
-        for entry in self.path.iterdir():
-            if not entry.name.startswith("..") and entry.name not in files:
-                entry.unlink()
-        if old is not None:
-            shutil.rmtree(self.path / old)
 
 
 def _pair_files() -> tuple[dict[str, bytes], str, str]:
