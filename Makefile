@@ -34,7 +34,7 @@ help:
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint,bench]'
+	$(BIN)/pip install --quiet -e '.[test,lint,bench,kubernetes]'
 	touch $@
 
 run: $(STAMP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -126,6 +127,21 @@ def parser() -> argparse.ArgumentParser:
     rotation.add_argument("--timeout", type=float, default=300.0, help="per phase")
     rotation.add_argument("targets", nargs="+")
 
+    kubernetes = commands.add_parser("kubernetes", help="keys in a Kubernetes Secret")
+    kube_commands = kubernetes.add_subparsers(dest="kube_command", required=True)
+    manifest = kube_commands.add_parser("secret", help="print a Secret manifest (JSON) holding a key directory")
+    manifest.add_argument("directory", type=Path)
+    manifest.add_argument("--name", required=True)
+    manifest.add_argument("--namespace")
+    in_cluster = kube_commands.add_parser(
+        "rotate", help="two-phase rotation of the key Secret through the API, waiting for every pod between phases"
+    )
+    in_cluster.add_argument("--secret", required=True)
+    in_cluster.add_argument("--namespace", required=True)
+    in_cluster.add_argument("--service", required=True, help="the headless Service URL, e.g. http://tang-headless:7500")
+    in_cluster.add_argument("--timeout", type=float, default=600.0, help="per phase")
+    in_cluster.add_argument("--api-host", help="API server URL (default: in-cluster service account)")
+
     show = commands.add_parser("show-keys", help="print the S256 thumbprints of the advertised signing keys")
     show.add_argument("url", nargs="?", default=f"http://127.0.0.1:{DEFAULT_PORT}")
     return top
@@ -158,6 +174,23 @@ def fleet_command(args: argparse.Namespace) -> int:
     if args.fleet_command == "wait":
         return 0 if fleet.wait(args.targets, args.digest, args.timeout) else 1
     return two_phase_rotation(args, fleet.wait)
+
+
+def kubernetes_command(args: argparse.Namespace) -> int:
+    from . import fleet, kube
+
+    if args.kube_command == "secret":
+        print(json.dumps(kube.secret_manifest(args.directory, args.name, args.namespace), indent=2))
+        return 0
+    api = kube.core_api(args.api_host)
+    try:
+        done = kube.rotate_secret(
+            api, args.secret, args.namespace, lambda digest: fleet.wait([args.service], digest, args.timeout)
+        )
+    except keyfiles.RotationError as exc:
+        print(f"tang-server kubernetes rotate: {exc}", file=sys.stderr)
+        return 1
+    return 0 if done else 1
 
 
 def two_phase_rotation(args: argparse.Namespace, wait: Callable[[list[str], str, float], bool]) -> int:
@@ -235,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("no hidden keys to delete")
     elif args.command == "fleet":
         return fleet_command(args)
+    elif args.command == "kubernetes":
+        return kubernetes_command(args)
     elif args.command == "show-keys":
         try:
             for thumbprint in client.verify_key_thumbprints(client.fetch_advertisement(args.url)):
