@@ -10,6 +10,8 @@ load balancer, with continuous `/rec` load for the old and the new exchange key.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -134,6 +136,10 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
             )
 
         def restart(index: int) -> None:
+            """kill -9 the replica (parent and workers), then start it again on the same port."""
+            server = replicas[index]
+            assert server is not None
+            os.killpg(server.process.pid, signal.SIGKILL)
             stacks[index].close()
             time.sleep(1.0)
             start(index)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tang_server import keyfiles
+
 from .support import (
     BIN,
     client_key,
@@ -158,3 +160,68 @@ def test_show_keys_matches_reference_tool(keys: Path, tmp_path: Path) -> None:
 def test_reference_server_fixture_serves(reference_keys: Path, tmp_path: Path) -> None:
     with reference_server(reference_keys, tmp_path / "log") as server:
         assert request(server.port, "GET", "/adv").status == 200
+
+
+def test_check_command_performs_a_real_recovery(keys: Path, tmp_path: Path) -> None:
+    with our_server(keys, tmp_path / "log", workers=2) as server:
+        result = subprocess.run([str(BIN / "tang-server"), "check", server.url, "--rounds", "5"],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "5 recoveries" in result.stdout
+
+
+def test_check_command_fails_against_a_wrong_server(keys: Path, tmp_path: Path) -> None:
+    """The check can fail: a server holding a different exchange key than it advertises answers 403."""
+    signing, exchange = load_keys(keys)
+    impostor = tmp_path / "impostor"
+    impostor.mkdir()
+    keyfiles.write_key(impostor, "sig.jwk", signing)
+    keyfiles.write_key(impostor, "exc.jwk", {k: v for k, v in exchange.items() if k != "d"})  # cannot answer
+    with our_server(impostor, tmp_path / "log", "--no-auto-keygen") as server:
+        result = subprocess.run([str(BIN / "tang-server"), "check", server.url], capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert "FAILED" in result.stderr
+
+
+def test_check_detects_a_wrong_recovery(keys: Path) -> None:
+    """A server answering /rec with the wrong scalar is caught by the unblinding step (K' != K)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tang_server import b64
+    from tang_server._native import ExchangeKey
+    from tang_server.check import CheckFailed, check
+    from tang_server.keyset import load_keyset
+
+    advertisement = load_keyset(keys).default_advertisement
+    wrong = keyfiles.generate_pair()[1]
+    wrong_key = ExchangeKey(*(b64.decode(wrong[m]) for m in ("d", "x", "y")))
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def reply(self, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            assert advertisement is not None
+            self.reply(advertisement)
+
+        def do_POST(self) -> None:
+            posted = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            x, y = wrong_key.exchange(b64.decode(posted["x"]), b64.decode(posted["y"]))
+            self.reply(json.dumps({"x": b64.encode(x), "y": b64.encode(y)}).encode())
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(CheckFailed, match="wrong key"):
+            check(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,4 +1,4 @@
-__all__ = ["COORDINATE_LEN", "ENGINE", "ExchangeKey"]
+__all__ = ["COORDINATE_LEN", "ENGINE", "ExchangeKey", "add_points"]
 
 from typing import Final, final
 
@@ -11,3 +11,5 @@ class ExchangeKey:
 
     def __new__(cls, d: bytes, x: bytes, y: bytes) -> ExchangeKey: ...
     def exchange(self, x: bytes, y: bytes) -> tuple[bytes, bytes]: ...
+
+def add_points(x1: bytes, y1: bytes, x2: bytes, y2: bytes) -> tuple[bytes, bytes]: ...

@@ -142,6 +142,11 @@ def parser() -> argparse.ArgumentParser:
     in_cluster.add_argument("--timeout", type=float, default=600.0, help="per phase")
     in_cluster.add_argument("--api-host", help="API server URL (default: in-cluster service account)")
 
+    checking = commands.add_parser("check", help="verify the advertisement and perform real recoveries")
+    checking.add_argument("url")
+    checking.add_argument("--rounds", type=positive, default=3)
+    checking.add_argument("--timeout", type=float, default=10.0)
+
     show = commands.add_parser("show-keys", help="print the S256 thumbprints of the advertised signing keys")
     show.add_argument("url", nargs="?", default=f"http://127.0.0.1:{DEFAULT_PORT}")
     return top
@@ -270,6 +275,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fleet_command(args)
     elif args.command == "kubernetes":
         return kubernetes_command(args)
+    elif args.command == "check":
+        from .check import CheckFailed, check
+
+        try:
+            result = check(args.url, rounds=args.rounds, timeout=args.timeout)
+        except CheckFailed as exc:
+            print(f"FAILED: {exc}", file=sys.stderr)
+            return 1
+        print(f"ok: advertisement signed by {' '.join(result.signing_kids)}; "
+              f"{result.checked} recoveries through /rec/{result.exchange_kid} gave the bound key")  # fmt: skip
     elif args.command == "show-keys":
         try:
             for thumbprint in client.verify_key_thumbprints(client.fetch_advertisement(args.url)):

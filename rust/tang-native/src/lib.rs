@@ -69,9 +69,25 @@ impl ExchangeKey {
     }
 }
 
+/// `P + Q` for two points given as affine coordinates (public values: the client side of the exchange).
+#[pyfunction]
+fn add_points<'py>(
+    py: Python<'py>,
+    x1: &[u8],
+    y1: &[u8],
+    x2: &[u8],
+    y2: &[u8],
+) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let p = (coordinate("x1", x1)?, coordinate("y1", y1)?);
+    let q = (coordinate("x2", x2)?, coordinate("y2", y2)?);
+    let (x, y) = tang_p521::add_points((&p.0, &p.1), (&q.0, &q.1)).map_err(to_py_err)?;
+    Ok((PyBytes::new(py, &x), PyBytes::new(py, &y)))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ExchangeKey>()?;
+    m.add_function(wrap_pyfunction!(add_points, m)?)?;
     m.add("COORDINATE_LEN", COORDINATE_LEN)?;
     m.add("ENGINE", "aws-lc")?;
     Ok(())

@@ -116,6 +116,28 @@ impl Point {
     }
 }
 
+impl Point {
+    /// `self + other`.
+    pub(crate) fn add(&self, other: &Point) -> Result<Point, Error> {
+        let result = Point::new()?;
+        // SAFETY: all pointers are valid points on the same group; a null context is allowed.
+        let ok = unsafe {
+            ffi::EC_POINT_add(
+                p521(),
+                result.as_ptr(),
+                self.as_ptr(),
+                other.as_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        if ok != 1 {
+            clear_error_queue();
+            return Err(Error::Internal);
+        }
+        Ok(result)
+    }
+}
+
 impl Drop for Point {
     fn drop(&mut self) {
         // SAFETY: we own the point and free it once; the clearing variant because results derive from secrets.

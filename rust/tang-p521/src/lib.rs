@@ -16,6 +16,19 @@ mod exchange;
 
 pub use exchange::ExchangeKey;
 
+/// `P + Q` for two validated points: the client side of the exchange (clevis blinds its point as `X = C + E`
+/// and unblinds the answer as `K = Y - e*S`). Public values only.
+pub fn add_points(
+    p: (&Coordinate, &Coordinate),
+    q: (&Coordinate, &Coordinate),
+) -> Result<(Coordinate, Coordinate), Error> {
+    let (p, q) = (
+        aws::Point::from_affine(p.0, p.1)?,
+        aws::Point::from_affine(q.0, q.1)?,
+    );
+    p.add(&q)?.to_affine()
+}
+
 /// Width of one P-521 coordinate or scalar in bytes (521 bits, rounded up).
 pub const COORDINATE_LEN: usize = 66;
 

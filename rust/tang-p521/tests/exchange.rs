@@ -149,3 +149,28 @@ fn shared_across_threads() {
         .collect();
     assert!(handles.into_iter().all(|h| h.join().unwrap()));
 }
+
+#[test]
+fn addition_matches_independent_implementation() {
+    for (a, b) in scalars(20).zip(scalars(21).skip(1)) {
+        let (pa, pb) = (
+            ProjectivePoint::GENERATOR * a,
+            ProjectivePoint::GENERATOR * b,
+        );
+        let ((ax, ay), (bx, by)) = (affine(pa), affine(pb));
+        assert_eq!(
+            tang_p521::add_points((&ax, &ay), (&bx, &by)).unwrap(),
+            affine(pa + pb)
+        );
+    }
+    let (gx, gy) = affine(ProjectivePoint::GENERATOR);
+    assert_eq!(
+        tang_p521::add_points((&gx, &gy), (&gx, &gy)).unwrap(),
+        affine(ProjectivePoint::GENERATOR + ProjectivePoint::GENERATOR)
+    );
+    let (nx, ny) = affine(-ProjectivePoint::GENERATOR);
+    assert_eq!(
+        tang_p521::add_points((&gx, &gy), (&nx, &ny)).unwrap_err(),
+        Error::PointAtInfinity
+    );
+}
