@@ -19,7 +19,7 @@ from tang_server.keyset import load_keyset
 from .support import Server, client_key, free_port, load_keys, our_server, request, require_tools, running, thumbprint
 
 ROOT = Path(__file__).resolve().parent.parent
-RULES = ROOT / "deploy" / "prometheus"
+RULES = ROOT / "helm" / "tang-server" / "files"
 
 
 def query(prometheus: str, expression: str) -> list[dict[str, object]]:
@@ -130,7 +130,7 @@ def test_alert_unit_tests_can_fail(tmp_path: Path) -> None:
 
 
 def test_dashboard_is_valid_json_using_our_metrics() -> None:
-    dashboard = json.loads((ROOT / "deploy" / "grafana" / "tang-dashboard.json").read_text())
+    dashboard = json.loads((RULES / "tang-dashboard.json").read_text())
     expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     assert any("tang_keyset_info" in e for e in expressions)
-    assert os.path.getsize(ROOT / "deploy" / "grafana" / "tang-dashboard.json") > 1000
+    assert os.path.getsize(RULES / "tang-dashboard.json") > 1000
