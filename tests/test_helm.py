@@ -209,3 +209,27 @@ def test_dockerfile_passes_hadolint() -> None:
         if "hadolint ignore" in line:
             assert text[index - 1].startswith("#") and "hadolint" not in text[index - 1], "ignore without a reason"
     assert len(ignores) <= 2
+
+
+def _leaves(values: dict[str, Any], schema: dict[str, Any], prefix: str = "") -> set[str]:
+    """Every value's dotted path, descending as far as the schema describes properties (maps are leaves)."""
+    paths = set()
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        assert key in schema.get("properties", {}), f"{path} is not in values.schema.json"
+        node = schema["properties"][key]
+        if isinstance(value, dict) and "properties" in node:
+            paths |= _leaves(value, node, f"{path}.")
+        else:
+            paths.add(path)
+    return paths
+
+
+def test_schema_and_readme_cover_every_value() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    readme = (CHART / "README.md").read_text()
+    leaves = _leaves(values, schema)
+    assert len(leaves) > 40
+    for path in leaves:
+        assert f"`{path}" in readme, f"{path} missing from the values table"
