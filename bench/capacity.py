@@ -44,7 +44,6 @@ def plan(machines: int, seconds: float, rate: float, devices: int = 1, headroom:
 def wrk_json(
     url: str, body: Path, seconds: int, connections: int, load_cpus: str, *, close: bool = False, delay_ms: float = 0.0
 ) -> dict[str, float]:
-    script = "wrk_paced.lua" if delay_ms else "wrk_report.lua"
     env = {
         **os.environ,
         "WRK_BODY_FILE": str(body),
@@ -60,7 +59,7 @@ def wrk_json(
         f"-c{connections}",
         f"-d{seconds}s",
         "-s",
-        str(HERE / script),
+        str(HERE / "wrk_report.lua"),
         url,
     ]
     output = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout

@@ -1,4 +1,9 @@
--- Shared by every run: optional POST body from the environment, and one machine-readable summary line.
+-- Shared by every wrk run of the benchmarks:
+--   WRK_BODY_FILE  POST this file's bytes instead of GET
+--   WRK_CLOSE=1    a new connection per request (what curl in clevis does)
+--   WRK_DELAY_MS   pace each connection (offered load): C connections offer about C * 1000 / (delay + latency)
+--                  requests per second. Left unset, no delay function exists, so wrk runs flat out.
+-- and one machine-readable summary line, WRK_JSON {...}.
 local body_file = os.getenv("WRK_BODY_FILE")
 if body_file ~= nil and body_file ~= "" then
   local f = assert(io.open(body_file, "rb"))
@@ -8,6 +13,12 @@ if body_file ~= nil and body_file ~= "" then
 end
 if os.getenv("WRK_CLOSE") == "1" then
   wrk.headers["Connection"] = "close"
+end
+local pause = tonumber(os.getenv("WRK_DELAY_MS") or "")
+if pause ~= nil and pause > 0 then
+  delay = function()
+    return pause
+  end
 end
 
 done = function(summary, latency, requests)
