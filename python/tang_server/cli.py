@@ -77,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--status-path", default="/status", help="key-set status JSON (default: %(default)s)")
     serve.add_argument("--metrics-dir", help="directory for the workers' metrics files (default: a temporary one)")
     serve.add_argument("--max-target-bytes", type=positive, default=DEFAULT_MAX_TARGET_BYTES)
+    serve.add_argument("--request-timeout", type=float, default=10.0, help="seconds for a whole request to arrive")
+    serve.add_argument("--max-header-bytes", type=positive, default=32768)
+    serve.add_argument("--keep-alive-seconds", type=float, default=5.0, help="idle kept-alive connections close")
+    serve.add_argument("--max-connections", type=positive, help="per worker; beyond it requests get 503")
     serve.add_argument("--max-body-bytes", type=positive, default=DEFAULT_MAX_BODY_BYTES)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
@@ -246,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 metrics_dir=args.metrics_dir,
                 max_target_bytes=args.max_target_bytes,
                 max_body_bytes=args.max_body_bytes,
+                request_timeout=args.request_timeout,
+                max_header_bytes=args.max_header_bytes,
+                keep_alive_seconds=args.keep_alive_seconds,
+                max_connections=args.max_connections,
                 log_level=args.log_level,
                 access_log=args.access_log,
                 access_log_format=args.access_log_format,

@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol with two changes the Tang protocol needs.
+"""uvicorn's httptools protocol with what the Tang protocol and a hostile network need.
 
 - The request target is kept exactly as the client sent it. uvicorn parses it into `raw_path` and
   `query_string`, which loses what the reference server's routing sees: an absolute-form target
@@ -6,21 +6,97 @@
   the scope's extensions, where `app.request_target` looks first.
 - A client that half-closes its connection after sending (shutdown(SHUT_WR), or the end of standard input for
   `tangd`) still gets every answer it asked for; uvicorn would drop the connection with answers pending.
+- Slow or endless requests are cut off. uvicorn has no deadline for a request to arrive (a client sending one
+  byte per second holds its connection forever) and httptools no bound on the size of a request line or
+  headers: here a whole request must arrive within `request_timeout` seconds (else 408 and close; an idle
+  kept-alive connection is closed silently), its target must stay under `max_target_bytes` (414, decided as
+  the target arrives instead of after buffering it) and its headers under `max_header_bytes` (431).
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .app import RAW_TARGET_EXTENSION
 
+_STATUS_LINES = {
+    408: b"408 Request Timeout",
+    414: b"414 URI Too Long",
+    431: b"431 Request Header Fields Too Large",
+}
+
 
 class TangHttpProtocol(HttpToolsProtocol):
+    # Set per process from the settings (`configure`); uvicorn instantiates the class itself.
+    request_timeout = 10.0
+    max_target_bytes = 4096
+    max_header_bytes = 32768
+
+    client_done = False
+    _headers_done = False
+    _message_done = True
+    _received = 0  # bytes of the request being received, until its headers are complete
+    _header_bytes = 0
+    _request_timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def configure(cls, request_timeout: float, max_target_bytes: int, max_header_bytes: int) -> None:
+        cls.request_timeout = request_timeout
+        cls.max_target_bytes = max_target_bytes
+        cls.max_header_bytes = max_header_bytes
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_request()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._headers_done:
+            self._received += len(data)
+        super().data_received(data)
+        incomplete = not self._headers_done and not self.transport.is_closing()
+        if incomplete and self._received > self.max_header_bytes + self.max_target_bytes:
+            self._refuse(431)  # headers still not complete: do not buffer more
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._headers_done = False
+        self._message_done = False
+        self._header_bytes = 0
+        if self._request_timer is None:
+            self._await_request()
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) >= self.max_target_bytes and not self.transport.is_closing():
+            self._refuse(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.max_header_bytes and not self.transport.is_closing():
+            self._refuse(431)
+
     def on_headers_complete(self) -> None:
+        self._headers_done = True
+        self._received = 0
+        if self.transport.is_closing():
+            return  # refused while the headers arrived: no application call
         self.scope["extensions"] = {RAW_TARGET_EXTENSION: self.url}  # type: ignore[dict-item]
         super().on_headers_complete()
 
-    client_done = False
+    def on_body(self, body: bytes) -> None:
+        if not self.transport.is_closing():  # a refused request has no cycle to feed
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._message_done = True
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
+        if not self.transport.is_closing():
+            super().on_message_complete()
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio allows True: keep our side open
         self.client_done = True
@@ -30,6 +106,41 @@ class TangHttpProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self.client_done and self._idle():
             self.transport.close()
+        elif not self.transport.is_closing():
+            self._await_request()  # the next request on this connection has the same deadline
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
+        super().connection_lost(exc)
 
     def _idle(self) -> bool:
         return not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+
+    def _await_request(self) -> None:
+        self._headers_done = False
+        self._received = 0
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+        self._request_timer = self.loop.call_later(self.request_timeout, self._request_overdue)
+
+    def _request_overdue(self) -> None:
+        self._request_timer = None
+        if self.transport.is_closing():
+            return
+        if self._message_done:
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._await_request()  # still answering the last request: the clock starts after it
+            elif self._received == 0:
+                self.transport.close()  # idle between requests: close without a word
+            else:
+                self._refuse(408)
+            return
+        self._refuse(408)
+
+    def _refuse(self, status: int) -> None:
+        self.transport.write(
+            b"HTTP/1.1 " + _STATUS_LINES[status] + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.close()

@@ -23,7 +23,7 @@ def recover(keyset: KeySet, thumbprint: str, body: bytes) -> tuple[HTTPStatus, b
     """Return the status and body of the answer to `POST /rec/{thumbprint}` with `body`."""
     try:
         request = json.loads(body.decode("utf-8"))  # strict UTF-8: a BOM is refused, as by the reference
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # deep nesting: jansson refuses it too
         return HTTPStatus.BAD_REQUEST, b""
     if not isinstance(request, dict | list):
         return HTTPStatus.BAD_REQUEST, b""

@@ -48,6 +48,7 @@ def log_config(settings: Settings) -> dict[str, Any]:
 def build_application(settings: Settings) -> TangApplication:
     from .metrics import Metrics  # imported here: after the multiprocess directory is in the environment
 
+    TangHttpProtocol.configure(settings.request_timeout, settings.max_target_bytes, settings.max_header_bytes)
     metrics = Metrics()
     store = KeyStore(
         settings.keys_dir,
@@ -79,6 +80,8 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         access_log=False,  # ours (accesslog.py): timestamped, and an order of magnitude cheaper
         log_config=log_config(settings),
         proxy_headers=False,
+        timeout_keep_alive=int(max(1, settings.keep_alive_seconds)),
+        limit_concurrency=settings.max_connections,
     )
 
 

@@ -32,6 +32,13 @@ class Settings:
     #: Generate a pair when the directory has no visible key (the reference's behaviour; off for replicas).
     auto_keygen: bool = True
     max_target_bytes: int = DEFAULT_MAX_TARGET_BYTES
+    #: A whole request must arrive within this many seconds; its headers within this many bytes.
+    request_timeout: float = 10.0
+    max_header_bytes: int = 32768
+    #: Idle kept-alive connections are closed after this many seconds.
+    keep_alive_seconds: float = 5.0
+    #: Connections (and requests) at once per worker beyond which new requests get 503; None: unlimited.
+    max_connections: int | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Re-read the directory this often even without inotify events (network file systems send none).
     recheck_seconds: float = 30.0
