@@ -70,13 +70,18 @@ def running(command: Sequence[str], port: int, log: Path, env: dict[str, str] | 
             process.wait()
 
 
+def serve_command(keys: Path, port: int, *extra: str, workers: int = 1) -> list[str]:
+    """The command line of our server on a key directory and a port."""
+    return [str(BIN / "tang-server"), "serve", "--keys-dir", str(keys), "--port", str(port),
+            "--workers", str(workers), *extra]  # fmt: skip
+
+
 @contextlib.contextmanager
 def our_server(keys: Path, log: Path, *extra: str, workers: int = 1) -> Iterator[Server]:
     """Our server on a free port; when it stops, its whole log is checked for private key material."""
     port = free_port()
-    command = [str(BIN / "tang-server"), "serve", "--keys-dir", str(keys), "--port", str(port)]
     secrets = private_members(keys)
-    with running([*command, "--workers", str(workers), *extra], port, log) as server:
+    with running(serve_command(keys, port, *extra, workers=workers), port, log) as server:
         yield server
     assert_no_secrets(log.read_text(errors="replace"), secrets | private_members(keys))
 

@@ -34,6 +34,7 @@ from .support import (
     request,
     require_tools,
     running,
+    serve_command,
     thumbprint,
 )
 
@@ -129,8 +130,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         stacks = [ExitStack() for _ in DELAYS]
 
         def start(index: int) -> None:
-            command = [str(BIN / "tang-server"), "serve", "--keys-dir", str(kubelets[index].volume.path),
-                       "--port", str(ports[index]), "--workers", "2", "--fleet"]  # fmt: skip
+            command = serve_command(kubelets[index].volume.path, ports[index], "--fleet", workers=2)
             replicas[index] = stacks[index].enter_context(
                 running(command, ports[index], tmp_path / f"replica{index}-{time.monotonic_ns()}.log")
             )

@@ -23,6 +23,7 @@ from .support import (
     request,
     require_tools,
     running,
+    serve_command,
     thumbprint,
 )
 
@@ -68,15 +69,7 @@ def encrypt_fails(url: str, **config: str) -> int:
 def test_decrypt_fails_once_the_key_is_gone(keys: Path, tmp_path: Path) -> None:
     """The oracle can fail: with the exchange key deleted, the same JWE no longer decrypts."""
     port = free_port()
-    command = [
-        str(BIN / "tang-server"),
-        "serve",
-        "--keys-dir",
-        str(keys),
-        "--port",
-        str(port),
-        "--no-auto-keygen",
-    ]
+    command = serve_command(keys, port, "--no-auto-keygen")
     with running(command, port, tmp_path / "log1") as server:
         jwe = encrypt(server.url, b"gone")
     _, exchange = load_keys(keys)

@@ -16,7 +16,6 @@ import pytest
 from tang_server import b64, keyfiles
 
 from .support import (
-    BIN,
     SecretVolume,
     Server,
     client_key,
@@ -25,6 +24,7 @@ from .support import (
     our_server,
     request,
     running,
+    serve_command,
     thumbprint,
 )
 
@@ -154,21 +154,8 @@ def test_unreadable_directory_keeps_last_set(public_tmp: Path) -> None:
     for path in [keys, *keys.iterdir()]:
         os.chown(path, nobody, nobody)
     port = free_port()
-    command = [
-        "setpriv",
-        "--reuid",
-        str(nobody),
-        "--regid",
-        str(nobody),
-        "--clear-groups",
-        str(BIN / "tang-server"),
-        "serve",
-        "--keys-dir",
-        str(keys),
-        "--port",
-        str(port),
-        "--no-auto-keygen",
-    ]
+    setpriv = ["setpriv", "--reuid", str(nobody), "--regid", str(nobody), "--clear-groups"]
+    command = [*setpriv, *serve_command(keys, port, "--no-auto-keygen")]
     env = {**os.environ, "HOME": str(tmp_path)}
     with running(command, port, tmp_path / "log", env=env) as server:
         _, exchange = load_keys(keys)
