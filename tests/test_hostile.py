@@ -256,3 +256,35 @@ def test_slow_clients_do_not_stop_unlocks(hostile_server: tuple[Server, str]) ->
     median = under_attack[len(under_attack) // 2]
     assert median < 5 * baseline[len(baseline) // 2] + 0.05, (baseline, under_attack)
     assert closed == 200  # every slow connection was cut off at the header deadline
+
+
+def test_backpressure_sheds_queued_recoveries_with_retry_after(keys: Path, tmp_path: Path) -> None:
+    """A burst larger than one worker can answer within --max-queue-ms: the late ones get 503 + Retry-After at
+    once, counted in metrics; with the bound off, everything is eventually answered 200."""
+    _, exchange = load_keys(keys)
+    body = json.dumps(client_key()).encode()
+    request_bytes = _rec(thumbprint(exchange), body)
+
+    def burst(port: int) -> list[bytes]:
+        connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
+        for conn in connections:
+            conn.sendall(request_bytes)
+        answers = []
+        for conn in connections:
+            conn.settimeout(30)
+            data = b""
+            while not _complete(data):
+                data += conn.recv(65536)
+            answers.append(data)
+            conn.close()
+        return answers
+
+    with our_server(keys, tmp_path / "shedding", "--max-queue-ms", "2") as server:
+        answers = burst(server.port)
+        metrics = request(server.port, "GET", "/metrics").body.decode()
+    shed = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+    assert shed and len(shed) < len(answers)
+    assert all(parse_response(a).headers["retry-after"] == "1" for a in shed)
+    assert f"tang_recovery_shed_total {float(len(shed))}" in metrics
+    with our_server(keys, tmp_path / "patient", "--max-queue-ms", "0") as server:
+        assert all(a.startswith(b"HTTP/1.1 200") for a in burst(server.port))

@@ -35,10 +35,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+RETRY_AFTER = [(b"retry-after", b"1")]
+
 Handler = Callable[[Scope, Receive, Send, str], Awaitable[None]]
 
 #: uvicorn puts the request target exactly as received here (see `protocol.py`).
 RAW_TARGET_EXTENSION = "tang.raw_target"
+#: ... and the event loop's time when the request's headers were complete, to see how long it queued.
+ARRIVAL_EXTENSION = "tang.arrival"
 
 
 #: Where the matched route's template is left for the metrics.
@@ -188,6 +192,13 @@ class TangApplication:
             await reply(send, HTTPStatus.NOT_FOUND)
 
     async def recover(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
+        if self._overloaded(scope):
+            # Waited too long already: say so at once (clevis retries) rather than add this multiplication to the
+            # queue that every later request waits behind.
+            if self.metrics is not None:
+                self.metrics.shed.inc()
+            await reply(send, HTTPStatus.SERVICE_UNAVAILABLE, extra_headers=RETRY_AFTER)
+            return
         body = await _read_body(receive, self.settings.max_body_bytes)
         if body is None:
             await reply(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
@@ -219,6 +230,14 @@ class TangApplication:
         }
         status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
         await reply(send, status, json.dumps(body, separators=(",", ":")).encode(), JSON_TYPE)
+
+    def _overloaded(self, scope: Scope) -> bool:
+        if not self.settings.max_queue_ms:
+            return False
+        arrival = scope.get("extensions", {}).get(ARRIVAL_EXTENSION)
+        if arrival is None:
+            return False
+        return bool(asyncio.get_running_loop().time() - arrival > self.settings.max_queue_ms / 1000)
 
     async def expose_metrics(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
         if self.metrics is None:

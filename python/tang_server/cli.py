@@ -80,6 +80,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=float, default=10.0, help="seconds for a whole request to arrive")
     serve.add_argument("--max-header-bytes", type=positive, default=32768)
     serve.add_argument("--keep-alive-seconds", type=float, default=5.0, help="idle kept-alive connections close")
+    serve.add_argument(
+        "--max-queue-ms",
+        type=float,
+        default=1000.0,
+        help="a /rec queued longer than this gets 503 + Retry-After at once (0: off; default %(default)s)",
+    )
     serve.add_argument("--max-connections", type=positive, help="per worker; beyond it requests get 503")
     serve.add_argument("--max-body-bytes", type=positive, default=DEFAULT_MAX_BODY_BYTES)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -254,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_header_bytes=args.max_header_bytes,
                 keep_alive_seconds=args.keep_alive_seconds,
                 max_connections=args.max_connections,
+                max_queue_ms=args.max_queue_ms,
                 log_level=args.log_level,
                 access_log=args.access_log,
                 access_log_format=args.access_log_format,

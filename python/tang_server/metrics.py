@@ -57,6 +57,11 @@ class Metrics:
             buckets=BUCKETS,
             registry=own,
         )
+        self.shed = Counter(
+            "tang_recovery_shed",
+            "Recoveries answered 503 with Retry-After because they had queued longer than --max-queue-ms.",
+            registry=own,
+        )
         self.in_flight = Gauge(
             "tang_http_requests_in_flight", "Requests being answered.", multiprocess_mode="livesum", registry=own
         )

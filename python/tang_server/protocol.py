@@ -19,7 +19,7 @@ import asyncio
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .app import RAW_TARGET_EXTENSION
+from .app import ARRIVAL_EXTENSION, RAW_TARGET_EXTENSION
 
 _STATUS_LINES = {
     408: b"408 Request Timeout",
@@ -83,7 +83,8 @@ class TangHttpProtocol(HttpToolsProtocol):
         self._received = 0
         if self.transport.is_closing():
             return  # refused while the headers arrived: no application call
-        self.scope["extensions"] = {RAW_TARGET_EXTENSION: self.url}  # type: ignore[dict-item]
+        extensions: dict[str, object] = {RAW_TARGET_EXTENSION: self.url, ARRIVAL_EXTENSION: self.loop.time()}
+        self.scope["extensions"] = extensions  # type: ignore[typeddict-item]
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:

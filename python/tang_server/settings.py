@@ -37,6 +37,8 @@ class Settings:
     max_header_bytes: int = 32768
     #: Idle kept-alive connections are closed after this many seconds.
     keep_alive_seconds: float = 5.0
+    #: A /rec that queued longer than this (ms) is answered 503 + Retry-After at once; 0 turns it off.
+    max_queue_ms: float = 1000.0
     #: Connections (and requests) at once per worker beyond which new requests get 503; None: unlimited.
     max_connections: int | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
