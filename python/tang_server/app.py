@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Match, NoMatchFound, Router
 from starlette.types import Message, Receive, Scope, Send
 
 from .accesslog import AccessLog
-from .clientaddress import client_address, parse_networks
+from .clientaddress import allowed, client_address, parse_networks
 from .keystore import KeyStore
 from .recovery import recover
 from .responses import ADVERTISEMENT_TYPE, JSON_TYPE, RECOVERY_TYPE, reply
@@ -111,6 +111,8 @@ class TangApplication:
         self.access_log = access_log
         self.metrics = metrics
         self.trusted = parse_networks(settings.trusted_proxies)
+        self.may_recover = parse_networks(settings.allow_recovery)
+        self.may_advertise = parse_networks(settings.allow_advertisement)
         self.exchange_pool = (
             ThreadPoolExecutor(settings.exchange_threads, thread_name_prefix="tang-exchange")
             if settings.exchange_threads
@@ -171,9 +173,8 @@ class TangApplication:
                 self.metrics.requests.labels(route, scope["method"], status).inc()
                 self.metrics.duration.labels(route).observe(elapsed)
             if self.access_log is not None:
-                peer = scope.get("client")
                 self.access_log.record(
-                    client_address(peer[0] if peer else None, _header(scope, b"x-forwarded-for"), self.trusted),
+                    self._client(scope),
                     scope["method"],
                     target[:256].decode("latin-1"),
                     scope.get("http_version", "1.1"),
@@ -181,7 +182,14 @@ class TangApplication:
                     elapsed,
                 )
 
+    def _client(self, scope: Scope) -> str:
+        peer = scope.get("client")
+        return client_address(peer[0] if peer else None, _header(scope, b"x-forwarded-for"), self.trusted)
+
     async def advertise(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
+        if not allowed(self._client(scope), self.may_advertise):
+            await reply(send, HTTPStatus.FORBIDDEN)
+            return
         keyset = await self.store.current()
         body = keyset.advertisements.get(thp) if thp else keyset.default_advertisement
         if body is not None:
@@ -192,6 +200,10 @@ class TangApplication:
             await reply(send, HTTPStatus.NOT_FOUND)
 
     async def recover(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
+        if not allowed(self._client(scope), self.may_recover):
+            # NBDE's security rests on who can reach the server: outside the listed networks, no unlock.
+            await reply(send, HTTPStatus.FORBIDDEN)
+            return
         if self._overloaded(scope):
             # Waited too long already: say so at once (clevis retries) rather than add this multiplication to the
             # queue that every later request waits behind.

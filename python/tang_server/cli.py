@@ -73,6 +73,20 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--health-path", default="/healthz", help="liveness endpoint (default: %(default)s)")
     serve.add_argument("--ready-path", default="/readyz", help="readiness endpoint (default: %(default)s)")
+    serve.add_argument(
+        "--allow-recovery",
+        action="append",
+        default=[],
+        type=network,
+        help="only clients in this CIDR may POST /rec (repeatable; default: everybody)",
+    )
+    serve.add_argument(
+        "--allow-advertisement",
+        action="append",
+        default=[],
+        type=network,
+        help="only clients in this CIDR may GET /adv (repeatable; default: everybody)",
+    )
     serve.add_argument("--metrics-path", default="/metrics", help="Prometheus endpoint (default: %(default)s)")
     serve.add_argument("--status-path", default="/status", help="key-set status JSON (default: %(default)s)")
     serve.add_argument("--metrics-dir", help="directory for the workers' metrics files (default: a temporary one)")
@@ -265,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 access_log=args.access_log,
                 access_log_format=args.access_log_format,
                 trusted_proxies=tuple(args.trusted_proxy),
+                allow_recovery=tuple(args.allow_recovery),
+                allow_advertisement=tuple(args.allow_advertisement),
             )
         )
     elif args.command == "keygen":

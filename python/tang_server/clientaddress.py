@@ -31,6 +31,11 @@ def client_address(peer: str | None, forwarded_for: bytes | None, trusted: tuple
     return peer
 
 
+def allowed(address: str, networks: tuple[Network, ...]) -> bool:
+    """Whether an address is in one of the networks (an empty policy allows everybody)."""
+    return not networks or _is_trusted(address, networks)
+
+
 def _is_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)

@@ -55,8 +55,11 @@ class Settings:
     log_level: str = "info"
     access_log: bool = True
     access_log_format: str = "plain"
-    #: Peers (CIDR) whose X-Forwarded-For is believed for the client address in the access log.
+    #: Peers (CIDR) whose X-Forwarded-For is believed for the client's address (access log and access policy).
     trusted_proxies: tuple[str, ...] = ()
+    #: When not empty, only clients in these networks (CIDR) may POST /rec, or GET /adv; others get 403.
+    allow_recovery: tuple[str, ...] = ()
+    allow_advertisement: tuple[str, ...] = ()
 
     def to_environment(self) -> str:
         values = dataclasses.asdict(self)
@@ -67,5 +70,6 @@ class Settings:
     def from_environment(cls) -> Settings:
         values = json.loads(os.environ[ENVIRONMENT_VARIABLE])
         values["keys_dir"] = Path(values["keys_dir"])
-        values["trusted_proxies"] = tuple(values["trusted_proxies"])
+        for name in ("trusted_proxies", "allow_recovery", "allow_advertisement"):
+            values[name] = tuple(values[name])
         return cls(**values)
