@@ -14,7 +14,7 @@ import pytest
 from tang_server import keyfiles
 from tang_server.keyset import KeyKind, load_keyset
 
-from .support import BIN, require_tools, thumbprint
+from .support import BIN, our_server, require_tools, thumbprint
 
 
 def _mode(path: Path) -> int:
@@ -171,3 +171,16 @@ def test_ensure_keys_generates_only_without_visible_keys(keys: Path, layout: str
     assert len(keyfiles.ensure_keys(keys)) == 2
     assert keyfiles.ensure_keys(keys) == []
     assert len(load_keyset(keys).visible) == 2
+
+
+def test_permission_problems_are_reported_at_start(keys: Path, tmp_path: Path) -> None:
+    assert keyfiles.permission_problems(keys) == []  # as generated: 0440 files
+    loose = next(iter(keys.iterdir()))
+    loose.chmod(0o644)
+    keys.chmod(0o777)
+    problems = keyfiles.permission_problems(keys)
+    assert len(problems) == 2
+    assert any(loose.name in problem for problem in problems)
+    with our_server(keys, tmp_path / "log", "--no-auto-keygen") as server:
+        assert "readable or writable by other users" in server.log_text()
+        assert "is writable by other users" in server.log_text()

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import b64, jwk
-from .keyset import KEY_SUFFIX, KeyKind, KeySet, load_keyset
+from .keyset import KEY_SUFFIX, load_keyset
 
 KEY_FILE_MODE = 0o440
 _COORDINATE_LEN = 66
@@ -218,10 +219,23 @@ def delete_hidden(directory: Path, key_ids: list[str] | None) -> list[tuple[str,
         return [(key.kid, key.name) for key in chosen]
 
 
-def signing_and_exchange(keyset: KeySet) -> tuple[int, int]:
-    """How many visible signing and exchange keys a set has (for messages)."""
-    visible = keyset.visible
-    return (
-        sum(key.kind is KeyKind.SIGNING for key in visible),
-        sum(key.kind is KeyKind.EXCHANGE for key in visible),
-    )
+def permission_problems(directory: Path) -> list[str]:
+    """Key files readable or writable by other users, or a directory others may write to (say it, do not fix it:
+    the operator's tooling owns the modes)."""
+    problems: list[str] = []
+    try:
+        mode = directory.stat().st_mode
+    except OSError:
+        return problems
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        problems.append(f"{directory} is writable by other users: anyone could add or replace keys")
+    for path in sorted(directory.iterdir()):
+        if not path.name.endswith(KEY_SUFFIX):
+            continue
+        try:
+            mode = path.stat().st_mode  # follows symlinks (Kubernetes Secret volumes)
+        except OSError:
+            continue
+        if mode & (stat.S_IROTH | stat.S_IWOTH):
+            problems.append(f"key file {path.name} is readable or writable by other users (mode {oct(mode & 0o777)})")
+    return problems

@@ -99,6 +99,8 @@ def serve(settings: Settings) -> None:
         settings.keys_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         for path in keyfiles.ensure_keys(settings.keys_dir):
             logger.info("generated key %s", path.name)
+    for problem in keyfiles.permission_problems(settings.keys_dir):
+        logger.warning("%s", problem)
     metrics_dir = Path(settings.metrics_dir or tempfile.mkdtemp(prefix="tang-server-metrics-"))
     prepare_metrics_directory(metrics_dir)
     os.environ[MULTIPROCESS_ENVIRONMENT] = str(metrics_dir)
