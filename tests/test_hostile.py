@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -265,10 +266,16 @@ def test_backpressure_sheds_queued_recoveries_with_retry_after(keys: Path, tmp_p
     body = json.dumps(client_key()).encode()
     request_bytes = _rec(thumbprint(exchange), body)
 
-    def burst(port: int) -> list[bytes]:
-        connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
-        for conn in connections:
-            conn.sendall(request_bytes)
+    def burst(server: Server) -> list[bytes]:
+        """60 recoveries that all arrive while the (single-process) server is paused: a queue, deterministically."""
+        connections = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(60)]
+        time.sleep(0.3)  # all accepted
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            for conn in connections:
+                conn.sendall(request_bytes)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
         answers = []
         for conn in connections:
             conn.settimeout(30)
@@ -279,12 +286,12 @@ def test_backpressure_sheds_queued_recoveries_with_retry_after(keys: Path, tmp_p
             conn.close()
         return answers
 
-    with our_server(keys, tmp_path / "shedding", "--max-queue-ms", "2") as server:
-        answers = burst(server.port)
+    with our_server(keys, tmp_path / "shedding", "--max-queue-ms", "8") as server:
+        answers = burst(server)
         metrics = request(server.port, "GET", "/metrics").body.decode()
     shed = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
     assert shed and len(shed) < len(answers)
     assert all(parse_response(a).headers["retry-after"] == "1" for a in shed)
     assert f"tang_recovery_shed_total {float(len(shed))}" in metrics
     with our_server(keys, tmp_path / "patient", "--max-queue-ms", "0") as server:
-        assert all(a.startswith(b"HTTP/1.1 200") for a in burst(server.port))
+        assert all(a.startswith(b"HTTP/1.1 200") for a in burst(server))

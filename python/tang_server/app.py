@@ -41,7 +41,7 @@ Handler = Callable[[Scope, Receive, Send, str], Awaitable[None]]
 
 #: uvicorn puts the request target exactly as received here (see `protocol.py`).
 RAW_TARGET_EXTENSION = "tang.raw_target"
-#: ... and the event loop's time when the request's headers were complete, to see how long it queued.
+#: ... and the time.monotonic() when the request's headers were complete, to see how long it queued.
 ARRIVAL_EXTENSION = "tang.arrival"
 
 
@@ -249,7 +249,7 @@ class TangApplication:
         arrival = scope.get("extensions", {}).get(ARRIVAL_EXTENSION)
         if arrival is None:
             return False
-        return bool(asyncio.get_running_loop().time() - arrival > self.settings.max_queue_ms / 1000)
+        return bool(time.monotonic() - arrival > self.settings.max_queue_ms / 1000)
 
     async def expose_metrics(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
         if self.metrics is None:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -83,7 +84,9 @@ class TangHttpProtocol(HttpToolsProtocol):
         self._received = 0
         if self.transport.is_closing():
             return  # refused while the headers arrived: no application call
-        extensions: dict[str, object] = {RAW_TARGET_EXTENSION: self.url, ARRIVAL_EXTENSION: self.loop.time()}
+        # time.monotonic, not loop.time: uvloop caches the loop's clock for a whole iteration, in which many
+        # requests may be parsed and answered one after the other.
+        extensions: dict[str, object] = {RAW_TARGET_EXTENSION: self.url, ARRIVAL_EXTENSION: time.monotonic()}
         self.scope["extensions"] = extensions  # type: ignore[typeddict-item]
         super().on_headers_complete()
 
