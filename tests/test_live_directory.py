@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tang_server import b64, keyfiles
+from tang_server.keyset import load_keyset
 
 from .support import (
     SecretVolume,
@@ -200,3 +201,23 @@ def test_auto_keygen_on_first_start_creates_directory(tmp_path: Path) -> None:
     assert sorted(oct(p.stat().st_mode & 0o777) for p in keys.iterdir()) == ["0o440", "0o440"]
     result = subprocess.run(["stat", "-c", "%a", str(keys)], capture_output=True, text=True)
     assert result.stdout.strip() == "750"
+
+
+def test_kubelet_window_with_dangling_links_keeps_the_keys(tmp_path: Path) -> None:
+    """Between the ..data swap and the new top-level links, renamed keys' old links dangle: not a deletion."""
+    volume = SecretVolume(tmp_path / "volume")
+    files, _, _ = _pair_files()
+    volume.publish(files)
+    before = load_keyset(volume.path)
+    # The kubelet's steps 1-3 for an update that renames every key (a promotion hides them): new data directory,
+    # ..data swapped to it, new top-level links not created yet.
+    new = volume.path / "..2026_11_24_99"
+    new.mkdir()
+    for name, data in files.items():
+        (new / f".{name}").write_bytes(data)
+    os.symlink(new.name, volume.path / "..data_tmp")
+    os.rename(volume.path / "..data_tmp", volume.path / "..data")
+    assert all(not (volume.path / name).exists() for name in files)  # every visible link dangles now
+    during = load_keyset(volume.path, previous=before)
+    assert during.digest == before.digest  # nothing lost in the window
+    assert load_keyset(volume.path).keys == ()  # (without a previous set there is nothing to keep)

@@ -116,7 +116,7 @@ def load_keyset(directory: Path, previous: KeySet | None = None) -> KeySet:
 class DirectoryScan:
     #: The `*.jwk` files that parse as JSON objects, by name.
     files: Mapping[str, Mapping[str, Any]]
-    #: `*.jwk` files present but not (yet) a JSON object.
+    #: `*.jwk` names present but not (yet) a readable JSON object: half written, or a dangling symlink.
     unparsable: frozenset[str]
     #: (name, inode, size, mtime) of every `*.jwk` file: changes whenever any of them does.
     fingerprint: tuple[tuple[str, int, int, int], ...]
@@ -135,8 +135,14 @@ def scan_directory(directory: Path) -> DirectoryScan:
             with path.open("rb") as file:
                 status = os.fstat(file.fileno())
                 data = file.read()
-        except (FileNotFoundError, IsADirectoryError):
-            continue  # deleted since the listing (its deletion triggers another scan), or not a file
+        except IsADirectoryError:
+            continue
+        except FileNotFoundError:
+            if path.is_symlink():
+                # A dangling symlink: in a Kubernetes Secret volume, a key renamed by an update between the
+                # kubelet's ..data swap and its new top-level links. Transient, not a deletion.
+                unparsable.add(name)
+            continue  # otherwise deleted since the listing: its deletion triggers another scan
         fingerprint.append((name, status.st_ino, status.st_size, status.st_mtime_ns))
         try:
             parsed = json.loads(data.decode("utf-8"))
