@@ -86,7 +86,6 @@ class KeyStore:
         self.failure: str | None = None
         #: time.time() of the last successful load (None before the first).
         self.loaded_at: float | None = None
-        self.reload_failures = 0
         with self._lock:
             self._reload_locked()
         self._stopping = threading.Event()
@@ -180,7 +179,6 @@ class KeyStore:
             self.listener.keyset_loaded(keyset)
 
     def _report_failure(self, reason: str) -> None:
-        self.reload_failures += 1
         if self.listener is not None:
             self.listener.reload_failed()
         if reason != self.failure:  # say it once per failure, not once per request
