@@ -50,10 +50,10 @@ def test_stage_promote_delete(keys: Path) -> None:
 
     # Deleting is explicit and says what it removes; visible keys are refused.
     visible_kid = keyset.visible[0].kid
-    refused = _cli("delete-hidden", str(keys), "--kid", visible_kid)
+    refused = _cli("delete-hidden", str(keys), f"--kid={visible_kid}")
     assert refused.returncode == 1 and "not a hidden" in refused.stderr
     hidden_kids = sorted(k.kid for k in keyset.hidden)
-    deleted = _cli("delete-hidden", str(keys), "--kid", keyset.hidden[0].thumbprints[0])  # an S1 kid works too
+    deleted = _cli("delete-hidden", str(keys), f"--kid={keyset.hidden[0].thumbprints[0]}")  # an S1 kid works too
     assert deleted.returncode == 0
     assert deleted.stdout.split()[1] == keyset.hidden[0].kid
     everything = _cli("delete-hidden", str(keys), "--all")

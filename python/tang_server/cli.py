@@ -134,7 +134,9 @@ def parser() -> argparse.ArgumentParser:
     delete.add_argument("directory", type=Path)
     which = delete.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every hidden key except a staged pair")
-    which.add_argument("--kid", action="append", help="a hidden key's thumbprint (any hash); repeatable")
+    which.add_argument(
+        "--kid", action="append", help="a hidden key's thumbprint (any hash), as --kid=KID (ids may start with -)"
+    )
 
     fleet = commands.add_parser("fleet", help="see and wait for the key sets of every replica and worker")
     fleet_commands = fleet.add_subparsers(dest="fleet_command", required=True)
