@@ -18,7 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from .support import Server, client_key, load_keys, our_server, parse_response, raw_request, request, thumbprint
+from .support import (
+    Server,
+    client_key,
+    load_keys,
+    our_server,
+    parse_response,
+    raw_request,
+    request,
+    thumbprint,
+    worker_rss,
+)
 
 CLOSED = frozenset({0})
 HEADER_TIMEOUT = 2
@@ -145,22 +155,6 @@ def _complete(data: bytes) -> bool:
         return True
     response = parse_response(data)
     return len(body) >= int(response.headers.get("content-length", "0"))
-
-
-def worker_rss(parent: int) -> dict[int, int]:
-    sizes = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-            command = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if int(fields["PPid"]) == parent and b"resource_tracker" not in command:
-            sizes[int(entry)] = int(fields["VmRSS"].split()[0])
-    return sizes
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +289,52 @@ def test_backpressure_sheds_queued_recoveries_with_retry_after(keys: Path, tmp_p
     assert f"tang_recovery_shed_total {float(len(shed))}" in metrics
     with our_server(keys, tmp_path / "patient", "--max-queue-ms", "0") as server:
         assert all(a.startswith(b"HTTP/1.1 200") for a in burst(server))
+
+
+def _closed_within(conn: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    """Everything the server sends until it closes, and whether it closed within `seconds`."""
+    deadline = time.monotonic() + seconds
+    received = b""
+    with contextlib.suppress(ConnectionResetError):
+        while (remaining := deadline - time.monotonic()) > 0:
+            conn.settimeout(remaining)
+            try:
+                chunk = conn.recv(65536)
+            except TimeoutError:
+                return False, received
+            if not chunk:
+                return True, received
+            received += chunk
+    return False, received
+
+
+def test_body_arriving_after_the_answer_does_not_hold_the_connection(hostile_server: tuple[Server, str]) -> None:
+    """Found by the raw-socket fuzzer: a 404 is answered before its body arrives; the late body cancelled
+    uvicorn's keep-alive timer and the connection stayed open forever."""
+    server, _ = hostile_server
+    with socket.create_connection(("127.0.0.1", server.port)) as conn:
+        conn.sendall(b"POST /rec/unknown%00 HTTP/1.1\r\nContent-Length: 2\r\n\r\n")
+        conn.settimeout(5)
+        assert conn.recv(65536).startswith(b"HTTP/1.1 404")
+        conn.sendall(b"{}")
+        closed, rest = _closed_within(conn, HEADER_TIMEOUT + 3)
+    assert closed and rest == b""
+
+
+def test_body_trickling_after_the_answer_is_cut_off_without_a_second_answer(
+    hostile_server: tuple[Server, str],
+) -> None:
+    server, _ = hostile_server
+    with socket.create_connection(("127.0.0.1", server.port)) as conn:
+        conn.sendall(b"POST /rec/unknown%00 HTTP/1.1\r\nContent-Length: 1000\r\n\r\n")
+        conn.settimeout(5)
+        assert conn.recv(65536).startswith(b"HTTP/1.1 404")
+        received = b""
+        for _ in range(HEADER_TIMEOUT * 4):
+            with contextlib.suppress(OSError):
+                conn.send(b"x")
+            closed, chunk = _closed_within(conn, 0.5)
+            received += chunk
+            if closed:
+                break
+    assert closed and received == b""  # closed quietly: the 404 was the answer

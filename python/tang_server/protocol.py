@@ -50,7 +50,7 @@ class TangHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._await_request()
+        self._start_deadline()
 
     def data_received(self, data: bytes) -> None:
         if not self._headers_done:
@@ -66,7 +66,7 @@ class TangHttpProtocol(HttpToolsProtocol):
         self._message_done = False
         self._header_bytes = 0
         if self._request_timer is None:
-            self._await_request()
+            self._start_deadline()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -96,11 +96,17 @@ class TangHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._message_done = True
+        self._headers_done = False  # what follows is the next request's
+        self._received = 0
         if self._request_timer is not None:
             self._request_timer.cancel()
             self._request_timer = None
         if not self.transport.is_closing():
             super().on_message_complete()
+            if self.cycle is not None and self.cycle.response_complete:
+                # Answered before its body had arrived (a 404 reads no body). That late body cancelled uvicorn's
+                # keep-alive timer, and nothing else would ever close this idle connection: start the clock again.
+                self._start_deadline()
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio allows True: keep our side open
         self.client_done = True
@@ -111,7 +117,7 @@ class TangHttpProtocol(HttpToolsProtocol):
         if self.client_done and self._idle():
             self.transport.close()
         elif not self.transport.is_closing():
-            self._await_request()  # the next request on this connection has the same deadline
+            self._start_deadline()  # the next request on this connection has the same deadline
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._request_timer is not None:
@@ -122,9 +128,7 @@ class TangHttpProtocol(HttpToolsProtocol):
     def _idle(self) -> bool:
         return not self.pipeline and (self.cycle is None or self.cycle.response_complete)
 
-    def _await_request(self) -> None:
-        self._headers_done = False
-        self._received = 0
+    def _start_deadline(self) -> None:
         if self._request_timer is not None:
             self._request_timer.cancel()
         self._request_timer = self.loop.call_later(self.request_timeout, self._request_overdue)
@@ -133,15 +137,15 @@ class TangHttpProtocol(HttpToolsProtocol):
         self._request_timer = None
         if self.transport.is_closing():
             return
-        if self._message_done:
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._await_request()  # still answering the last request: the clock starts after it
-            elif self._received == 0:
-                self.transport.close()  # idle between requests: close without a word
-            else:
-                self._refuse(408)
-            return
-        self._refuse(408)
+        answering = self.cycle is not None and not self.cycle.response_complete
+        answered = self.cycle is not None and self.cycle.response_complete
+        if self._message_done and answering:
+            self._start_deadline()  # still answering the last request: the clock starts after it
+        elif (self._message_done and self._received == 0) or (self._headers_done and answered):
+            # Idle between requests, or still sending the body of a request already answered: close quietly.
+            self.transport.close()
+        else:
+            self._refuse(408)
 
     def _refuse(self, status: int) -> None:
         self.transport.write(
