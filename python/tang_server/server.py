@@ -136,10 +136,14 @@ def serve_connection(settings: Settings) -> None:
         log_config=log_config(settings),
     )
     config.load()
-    uvloop.run(_serve_one(config))
+    connection, output = _connection_socket()
+    uvloop.run(_serve_one(config, connection))
+    if output is not None:
+        # The bridge copies the last answer to standard output after the connection closed: let it finish.
+        output.join(timeout=10)
 
 
-async def _serve_one(config: uvicorn.Config) -> None:
+async def _serve_one(config: uvicorn.Config, connection: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[None] = loop.create_future()
 
@@ -156,18 +160,22 @@ async def _serve_one(config: uvicorn.Config) -> None:
 
     loop.add_signal_handler(signal.SIGTERM, stop)
     protocol = OneConnection(config=config, server_state=ServerState(), app_state={})
-    await loop.connect_accepted_socket(lambda: protocol, _connection_socket())
+    await loop.connect_accepted_socket(lambda: protocol, connection)
     await finished
+    if not protocol.transport.is_closing():
+        protocol.transport.close()  # stopped by a signal: end the connection, which ends the output bridge
 
 
-def _connection_socket() -> socket.socket:
-    """Standard input as a socket: itself when it is one (systemd, inetd), else a bridge to the pipes (socat)."""
+def _connection_socket() -> tuple[socket.socket, threading.Thread | None]:
+    """Standard input as a socket: itself when it is one (systemd, inetd), else a bridge to the pipes (socat),
+    returned with the thread that copies the answers to standard output."""
     if stat.S_ISSOCK(os.fstat(0).st_mode):
-        return socket.socket(fileno=os.dup(0))
+        return socket.socket(fileno=os.dup(0)), None
     ours, theirs = socket.socketpair()
     threading.Thread(target=_pump_in, args=(theirs,), daemon=True).start()
-    threading.Thread(target=_pump_out, args=(theirs,), daemon=True).start()
-    return ours
+    output = threading.Thread(target=_pump_out, args=(theirs,), daemon=True)
+    output.start()
+    return ours, output
 
 
 def _pump_in(bridge: socket.socket) -> None:
