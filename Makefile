@@ -13,6 +13,14 @@ KEYS ?= keys
 WORKERS ?= 1
 BENCH_SECONDS ?= 5
 SOAK_MINUTES ?= 3
+# Fuzzing: seconds per fuzzer within `make test`, and for `make fuzz`.
+FUZZ_SMOKE_SECONDS ?= 20
+FUZZ_SECONDS ?= 600
+CARGO_FUZZ_VERSION := 0.13.2
+FUZZ_CRATE := rust/tang-p521/fuzz
+# libFuzzer and AddressSanitizer need nightly flags; this machine has only the stable toolchain, which accepts
+# them when told it is bootstrapping itself.
+CARGO_FUZZ := RUSTC_BOOTSTRAP=1 cargo fuzz
 
 # Debian packages the interop tests and benchmarks drive: the real client, the jose oracle, the reference
 # server and the tools around it.
@@ -21,7 +29,7 @@ DEBIAN_PACKAGES := clevis jose tang socat curl wrk openssl prometheus
 SOURCES := pyproject.toml Cargo.toml Cargo.lock $(wildcard rust/*/Cargo.toml) \
 	$(shell find rust python -name '*.rs' -o -name '*.pyi' 2>/dev/null)
 
-.PHONY: help run test lint bench capacity soak debian-packages rust-test python-test clean
+.PHONY: help run test lint bench capacity soak fuzz fuzz-smoke cargo-fuzz debian-packages rust-test python-test clean
 
 help:
 	@echo "make run    serve the Tang protocol on $(HOST):$(PORT) from ./$(KEYS) (keys generated on first start)"
@@ -30,6 +38,7 @@ help:
 	@echo "make bench  P-521 candidates against openssl speed, micro benchmarks, and the wrk load harness"
 	@echo "make capacity  throughput and latency by workers and offered load: bench/results/capacity/report.md"
 	@echo "make soak   a bounded long run reporting worker memory at start and end (SOAK_MINUTES=3)"
+	@echo "make fuzz   cargo fuzz on the P-521 API and the raw-socket fuzzer, FUZZ_SECONDS=600 each"
 
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +62,7 @@ rust-test:
 python-test: $(STAMP) debian-packages
 	$(BIN)/pytest
 
-test: debian-packages $(STAMP) rust-test python-test lint
+test: debian-packages $(STAMP) rust-test python-test fuzz-smoke lint
 
 lint: $(STAMP)
 	$(BIN)/ruff check python tests bench
@@ -62,6 +71,19 @@ lint: $(STAMP)
 	$(BIN)/python -m mypy.stubtest tang_server._native
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	cargo fmt --all --check
+	cargo clippy --manifest-path $(FUZZ_CRATE)/Cargo.toml --locked -- -D warnings
+	cargo fmt --manifest-path $(FUZZ_CRATE)/Cargo.toml --check
+
+cargo-fuzz:
+	@cargo fuzz --version >/dev/null 2>&1 || cargo install --locked cargo-fuzz --version $(CARGO_FUZZ_VERSION)
+
+# The bounded run inside `make test` (the raw-socket fuzzer runs in pytest, TANG_FUZZ_SECONDS, default 10).
+fuzz-smoke: cargo-fuzz
+	cd $(FUZZ_CRATE) && $(CARGO_FUZZ) run exchange -- -max_total_time=$(FUZZ_SMOKE_SECONDS)
+
+fuzz: cargo-fuzz $(STAMP) debian-packages
+	cd $(FUZZ_CRATE) && $(CARGO_FUZZ) run exchange -- -max_total_time=$(FUZZ_SECONDS)
+	TANG_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/pytest tests/test_http_fuzz.py -s -o timeout=0
 
 bench: $(STAMP) debian-packages
 	cargo run --release --quiet --manifest-path bench/p521-candidates/Cargo.toml
@@ -78,4 +100,4 @@ soak: $(STAMP) debian-packages
 	cd bench && ../$(BIN)/python soak.py --minutes $(SOAK_MINUTES) --workers $(WORKERS)
 
 clean:
-	rm -rf $(VENV) target bench/p521-candidates/target
+	rm -rf $(VENV) target bench/p521-candidates/target $(FUZZ_CRATE)/target
