@@ -214,3 +214,20 @@ class SecretVolume:
                 entry.unlink()
         if old is not None:
             shutil.rmtree(self.path / old)
+
+
+def worker_rss(parent: int) -> dict[int, int]:
+    """Resident memory (KiB) of each worker process of a server (multiprocessing's helper excluded)."""
+    sizes = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+            command = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(fields["PPid"]) == parent and b"resource_tracker" not in command:
+            sizes[int(entry)] = int(fields["VmRSS"].split()[0])
+    return sizes
