@@ -280,7 +280,7 @@ def test_backpressure_sheds_queued_recoveries_with_retry_after(keys: Path, tmp_p
             conn.close()
         return answers
 
-    with our_server(keys, tmp_path / "shedding", "--max-queue-ms", "8") as server:
+    with our_server(keys, tmp_path / "shedding", "--max-queue-ms", "2") as server:
         answers = burst(server)
         metrics = request(server.port, "GET", "/metrics").body.decode()
     shed = [a for a in answers if a.startswith(b"HTTP/1.1 503")]

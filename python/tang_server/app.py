@@ -25,9 +25,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .accesslog import AccessLog
 from .clientaddress import allowed, client_address, parse_networks
+from .keyset import KeySet
 from .keystore import KeyStore
 from .recovery import recover
-from .responses import ADVERTISEMENT_TYPE, JSON_TYPE, RECOVERY_TYPE, reply
+from .responses import ADVERTISEMENT_TYPE, JSON_TYPE, RECOVERY_TYPE, Answer, reply, send_answer
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RETRY_AFTER = [(b"retry-after", b"1")]
+RETRY_AFTER = ((b"retry-after", b"1"),)
 
 Handler = Callable[[Scope, Receive, Send, str], Awaitable[None]]
 
@@ -120,12 +121,16 @@ class TangApplication:
         )
         prefix = "/+" + re.escape(settings.prefix.strip("/")) if settings.prefix.strip("/") else ""
         thp = "/+([0-9A-Za-z_-]+)"
+        #: The Tang routes proper, which the protocol may also answer directly (`direct_route`).
+        self.tang_routes = (
+            # Recovery first: in a boot storm it is most of the traffic and the router stops at a match.
+            TangRoute("/rec/{thp}", f"{prefix}/+rec{thp}", "POST", self.recover),
+            TangRoute("/adv", f"{prefix}/+adv/*", "GET", self.advertise),
+            TangRoute("/adv/{thp}", f"{prefix}/+adv{thp}", "GET", self.advertise),
+        )
         self.router = Router(
             routes=[
-                # Recovery first: in a boot storm it is most of the traffic and the router stops at a match.
-                TangRoute("/rec/{thp}", f"{prefix}/+rec{thp}", "POST", self.recover),
-                TangRoute("/adv", f"{prefix}/+adv/*", "GET", self.advertise),
-                TangRoute("/adv/{thp}", f"{prefix}/+adv{thp}", "GET", self.advertise),
+                *self.tang_routes,
                 TangRoute("health", re.escape(settings.health_path), "GET", self.health),
                 TangRoute("ready", re.escape(settings.ready_path), "GET", self.ready),
                 TangRoute("metrics", re.escape(settings.metrics_path), "GET", self.expose_metrics),
@@ -166,65 +171,107 @@ class TangApplication:
             if not status:
                 await reply(tracking_send, HTTPStatus.INTERNAL_SERVER_ERROR)
         finally:
-            elapsed = time.perf_counter() - began
+            self.record(
+                scope.get(ROUTE_KEY, "unmatched"),
+                scope["method"],
+                target,
+                scope.get("http_version", "1.1"),
+                self._client(scope),
+                status,
+                time.perf_counter() - began,
+            )
             if self.metrics is not None:
-                route = scope.get(ROUTE_KEY, "unmatched")
                 self.metrics.in_flight.dec()
-                self.metrics.requests.labels(route, scope["method"], status).inc()
-                self.metrics.duration.labels(route).observe(elapsed)
-            if self.access_log is not None:
-                self.access_log.record(
-                    self._client(scope),
-                    scope["method"],
-                    target[:256].decode("latin-1"),
-                    scope.get("http_version", "1.1"),
-                    status,
-                    elapsed,
-                )
+
+    def record(
+        self,
+        route: str,
+        method: str,
+        target: bytes,
+        http_version: str,
+        client: str,
+        status: int,
+        elapsed: float,
+    ) -> None:
+        """Counts an answered request in the metrics and writes its access log line."""
+        if self.metrics is not None:
+            self.metrics.answered(route, method, status, elapsed)
+        if self.access_log is not None:
+            self.access_log.record(client, method, target[:256].decode("latin-1"), http_version, status, elapsed)
 
     def _client(self, scope: Scope) -> str:
         peer = scope.get("client")
         return client_address(peer[0] if peer else None, _header(scope, b"x-forwarded-for"), self.trusted)
 
+    def direct_route(self, method: str, target: bytes) -> tuple[TangRoute, str] | None:
+        """The Tang route and key id of a request the protocol may answer without the ASGI machinery
+        (`answer_directly`); None when it must take the general path."""
+        if self.exchange_pool is not None or len(target) >= self.settings.max_target_bytes:
+            return None
+        for route in self.tang_routes:
+            found = route.pattern.fullmatch(target)
+            if found is not None:
+                if method != route.method:
+                    return None  # 405 on the general path
+                return route, found.group(1).decode() if found.groups() else ""
+        return None
+
+    def answer_directly(
+        self, route: TangRoute, thp: str, client: str, body: bytes, arrival: float, keyset: KeySet
+    ) -> Answer:
+        """The answer to a request for `direct_route`'s route, its body complete, with a fresh key set."""
+        if route.method == "GET":
+            return self._advertisement(client, thp, keyset)
+        return self._refusal(client, arrival) or self._recovery(thp, body, keyset)
+
     async def advertise(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
-        if not allowed(self._client(scope), self.may_advertise):
-            await reply(send, HTTPStatus.FORBIDDEN)
-            return
-        keyset = await self.store.current()
+        await send_answer(send, self._advertisement(self._client(scope), thp, await self.store.current()))
+
+    def _advertisement(self, client: str, thp: str, keyset: KeySet) -> Answer:
+        if not allowed(client, self.may_advertise):
+            return Answer(HTTPStatus.FORBIDDEN)
         body = keyset.advertisements.get(thp) if thp else keyset.default_advertisement
         if body is not None:
-            await reply(send, HTTPStatus.OK, body, ADVERTISEMENT_TYPE)
-        elif not thp:
-            await reply(send, HTTPStatus.INTERNAL_SERVER_ERROR)
-        else:
-            await reply(send, HTTPStatus.NOT_FOUND)
+            return Answer(HTTPStatus.OK, body, ADVERTISEMENT_TYPE)
+        return Answer(HTTPStatus.NOT_FOUND if thp else HTTPStatus.INTERNAL_SERVER_ERROR)
 
     async def recover(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
-        if not allowed(self._client(scope), self.may_recover):
-            # NBDE's security rests on who can reach the server: outside the listed networks, no unlock.
-            await reply(send, HTTPStatus.FORBIDDEN)
-            return
-        if self._overloaded(scope):
-            # Waited too long already: say so at once (clevis retries) rather than add this multiplication to the
-            # queue that every later request waits behind.
-            if self.metrics is not None:
-                self.metrics.shed.inc()
-            await reply(send, HTTPStatus.SERVICE_UNAVAILABLE, extra_headers=RETRY_AFTER)
+        refusal = self._refusal(self._client(scope), scope.get("extensions", {}).get(ARRIVAL_EXTENSION))
+        if refusal is not None:
+            await send_answer(send, refusal)
             return
         body = await _read_body(receive, self.settings.max_body_bytes)
         if body is None:
             await reply(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             return
         keyset = await self.store.current()
-        began = time.perf_counter()
         if self.exchange_pool is None:
-            status, answer = recover(keyset, thp, body)
-        else:  # the multiplication releases the GIL, so pool threads can use other cores
-            loop = asyncio.get_running_loop()
-            status, answer = await loop.run_in_executor(self.exchange_pool, recover, keyset, thp, body)
+            await send_answer(send, self._recovery(thp, body, keyset))
+            return
+        # The multiplication releases the GIL, so pool threads can use other cores.
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(self.exchange_pool, self._recovery, thp, body, keyset)
+        await send_answer(send, answer)
+
+    def _refusal(self, client: str, arrival: float | None) -> Answer | None:
+        """Why a recovery is refused before its body is even read, if it is."""
+        if not allowed(client, self.may_recover):
+            # NBDE's security rests on who can reach the server: outside the listed networks, no unlock.
+            return Answer(HTTPStatus.FORBIDDEN)
+        if self._overloaded(arrival):
+            # Waited too long already: say so at once (clevis retries) rather than add this multiplication to
+            # the queue that every later request waits behind.
+            if self.metrics is not None:
+                self.metrics.shed.inc()
+            return Answer(HTTPStatus.SERVICE_UNAVAILABLE, extra_headers=RETRY_AFTER)
+        return None
+
+    def _recovery(self, thp: str, body: bytes, keyset: KeySet) -> Answer:
+        began = time.perf_counter()
+        status, answer = recover(keyset, thp, body)
         if self.metrics is not None:
             self.metrics.exchange.observe(time.perf_counter() - began)
-        await reply(send, status, answer, RECOVERY_TYPE if status == HTTPStatus.OK else None)
+        return Answer(status, answer, RECOVERY_TYPE if status == HTTPStatus.OK else None)
 
     async def health(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
         """Liveness: the process answers. Deliberately independent of keys (a restart would not bring them)."""
@@ -243,13 +290,11 @@ class TangApplication:
         status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
         await reply(send, status, json.dumps(body, separators=(",", ":")).encode(), JSON_TYPE)
 
-    def _overloaded(self, scope: Scope) -> bool:
-        if not self.settings.max_queue_ms:
+    def _overloaded(self, arrival: float | None) -> bool:
+        """True when a request that arrived at `arrival` (time.monotonic()) has waited past --max-queue-ms."""
+        if not self.settings.max_queue_ms or arrival is None:
             return False
-        arrival = scope.get("extensions", {}).get(ARRIVAL_EXTENSION)
-        if arrival is None:
-            return False
-        return bool(time.monotonic() - arrival > self.settings.max_queue_ms / 1000)
+        return time.monotonic() - arrival > self.settings.max_queue_ms / 1000
 
     async def expose_metrics(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
         if self.metrics is None:

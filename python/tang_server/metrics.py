@@ -37,6 +37,8 @@ _PID_FILE = re.compile(r".*_(\d+)\.db$")
 class Metrics:
     def __init__(self) -> None:
         self.directory = os.environ.get(MULTIPROCESS_ENVIRONMENT)
+        # Label lookups cost as much as the update itself; the label sets are few (routes x methods x statuses).
+        self._answered: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         own = CollectorRegistry()
         self.requests = Counter(
             "tang_http_requests",
@@ -111,6 +113,15 @@ class Metrics:
         else:
             exposition = own
         self._exposition: ASGIApp = make_asgi_app(exposition)
+
+    def answered(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Counts one answered request and its duration."""
+        key = (route, method, status)
+        series = self._answered.get(key)
+        if series is None:
+            series = self._answered[key] = (self.requests.labels(route, method, status), self.duration.labels(route))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def keyset_loaded(self, keyset: KeySet) -> None:
         """Called by the key store each time it swaps a set in."""

@@ -11,16 +11,24 @@
   headers: here a whole request must arrive within `request_timeout` seconds (else 408 and close; an idle
   kept-alive connection is closed silently), its target must stay under `max_target_bytes` (414, decided as
   the target arrives instead of after buffering it) and its headers under `max_header_bytes` (431).
+- `/rec` and `/adv` requests are answered on the direct path (`direct.py`) when nothing needs the ASGI cycle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from http import HTTPStatus
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .app import ARRIVAL_EXTENSION, RAW_TARGET_EXTENSION
+from .app import ARRIVAL_EXTENSION, RAW_TARGET_EXTENSION, TangApplication
+from .clientaddress import client_address
+from .direct import DirectRequest, answer_bytes, read_head
+from .responses import Answer
+
+logger = logging.getLogger(__name__)
 
 _STATUS_LINES = {
     408: b"408 Request Timeout",
@@ -41,6 +49,8 @@ class TangHttpProtocol(HttpToolsProtocol):
     _received = 0  # bytes of the request being received, until its headers are complete
     _header_bytes = 0
     _request_timer: asyncio.TimerHandle | None = None
+    _direct: DirectRequest | None = None  # a direct-path request whose body is arriving
+    _pending: DirectRequest | None = None  # a complete direct-path request waiting for its answer
 
     @classmethod
     def configure(cls, request_timeout: float, max_target_bytes: int, max_header_bytes: int) -> None:
@@ -61,6 +71,8 @@ class TangHttpProtocol(HttpToolsProtocol):
             self._refuse(431)  # headers still not complete: do not buffer more
 
     def on_message_begin(self) -> None:
+        if self._pending is not None:
+            self._answer_pending(blocking=True)  # a pipelined request: answers leave in request order
         super().on_message_begin()
         self._headers_done = False
         self._message_done = False
@@ -86,12 +98,18 @@ class TangHttpProtocol(HttpToolsProtocol):
             return  # refused while the headers arrived: no application call
         # time.monotonic, not loop.time: uvloop caches the loop's clock for a whole iteration, in which many
         # requests may be parsed and answered one after the other.
-        extensions: dict[str, object] = {RAW_TARGET_EXTENSION: self.url, ARRIVAL_EXTENSION: time.monotonic()}
+        arrival = time.monotonic()
+        self._direct = self._direct_request(arrival)
+        if self._direct is not None:
+            return
+        extensions: dict[str, object] = {RAW_TARGET_EXTENSION: self.url, ARRIVAL_EXTENSION: arrival}
         self.scope["extensions"] = extensions  # type: ignore[typeddict-item]
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        if not self.transport.is_closing():  # a refused request has no cycle to feed
+        if self._direct is not None:
+            self._direct.body += body  # bounded: the declared length is under the limit
+        elif not self.transport.is_closing():  # a refused request has no cycle to feed
             super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -101,7 +119,10 @@ class TangHttpProtocol(HttpToolsProtocol):
         if self._request_timer is not None:
             self._request_timer.cancel()
             self._request_timer = None
-        if not self.transport.is_closing():
+        if self._direct is not None:
+            self._pending, self._direct = self._direct, None
+            self.loop.call_soon(self._answer_pending)
+        elif not self.transport.is_closing():
             super().on_message_complete()
             if self.cycle is not None and self.cycle.response_complete:
                 # Answered before its body had arrived (a 404 reads no body). That late body cancelled uvicorn's
@@ -119,14 +140,85 @@ class TangHttpProtocol(HttpToolsProtocol):
         elif not self.transport.is_closing():
             self._start_deadline()  # the next request on this connection has the same deadline
 
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.flow.resume_reading()  # paused by a direct answer that filled the write buffer
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._direct = self._pending = None
         if self._request_timer is not None:
             self._request_timer.cancel()
             self._request_timer = None
         super().connection_lost(exc)
 
     def _idle(self) -> bool:
-        return not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+        return (
+            not self.pipeline
+            and self._pending is None
+            and self._direct is None
+            and (self.cycle is None or self.cycle.response_complete)
+        )
+
+    def _direct_request(self, arrival: float) -> DirectRequest | None:
+        """The request as a direct-path request, or None when it takes the general path."""
+        app = self.app
+        busy = self.pipeline or (self.cycle is not None and not self.cycle.response_complete)
+        if not isinstance(app, TangApplication) or busy or self.expect_100_continue or self.parser.should_upgrade():
+            return None
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            return None  # uvicorn answers 503
+        method = self.parser.get_method().decode("ascii")
+        found = app.direct_route(method, self.url)
+        head = read_head(self.headers)
+        if found is None or head is None or head.chunked or head.declared_length >= app.settings.max_body_bytes:
+            return None
+        http_version = self.parser.get_http_version()
+        return DirectRequest(
+            route=found[0],
+            thp=found[1],
+            method=method,
+            target=self.url,
+            http_version=http_version,
+            keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
+            peer=self.client[0] if self.client else None,
+            forwarded_for=head.forwarded_for,
+            arrival=arrival,
+        )
+
+    def _answer_pending(self, blocking: bool = False) -> None:
+        """Answers the pending direct-path request, with every key change completed before now."""
+        request = self._pending
+        if request is None or (request.refresh is not None and not request.refresh.done() and not blocking):
+            return
+        app = self.app
+        assert isinstance(app, TangApplication)
+        if request.refresh is None and not app.store.is_fresh():
+            if blocking:
+                app.store.refresh()
+            else:  # apply the change off the loop, as the general path does, then answer
+                request.refresh = asyncio.ensure_future(asyncio.to_thread(app.store.refresh))
+                request.refresh.add_done_callback(lambda _: self._answer_pending())
+                return
+        self._pending = None
+        if self.transport.is_closing():
+            return  # the client is gone: spare the multiplication
+        began = time.perf_counter()
+        client = client_address(request.peer, request.forwarded_for, app.trusted)
+        try:
+            answer = app.answer_directly(request.route, request.thp, client, bytes(request.body), request.arrival,
+                                         app.store.keyset)  # fmt: skip
+        except Exception:
+            logger.exception("error answering %s", request.method)  # as on the general path: no details out
+            answer = Answer(HTTPStatus.INTERNAL_SERVER_ERROR)
+        self.transport.write(answer_bytes(answer, self.server_state.default_headers, request.keep_alive))
+        app.record(request.route.name, request.method, request.target, request.http_version, client, answer.status,
+                   time.perf_counter() - began)  # fmt: skip
+        if not request.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+        if self.flow.write_paused:
+            self.flow.pause_reading()  # a client that does not read its answers gets no more until it does
 
     def _start_deadline(self) -> None:
         if self._request_timer is not None:
@@ -137,7 +229,7 @@ class TangHttpProtocol(HttpToolsProtocol):
         self._request_timer = None
         if self.transport.is_closing():
             return
-        answering = self.cycle is not None and not self.cycle.response_complete
+        answering = self._pending is not None or (self.cycle is not None and not self.cycle.response_complete)
         answered = self.cycle is not None and self.cycle.response_complete
         if self._message_done and answering:
             self._start_deadline()  # still answering the last request: the clock starts after it
