@@ -338,3 +338,18 @@ def test_body_trickling_after_the_answer_is_cut_off_without_a_second_answer(
             if closed:
                 break
     assert closed and received == b""  # closed quietly: the 404 was the answer
+
+
+def test_unfinished_body_after_a_kept_alive_answer_is_408(hostile_server: tuple[Server, str]) -> None:
+    """The request deadline must not mistake the previous request's finished answer for this one's."""
+    server, kid = hostile_server
+    with socket.create_connection(("127.0.0.1", server.port)) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        conn.settimeout(5)
+        first = b""
+        while not _complete(first):
+            first += conn.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        conn.sendall(f"POST /rec/{kid} HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{{".encode())
+        closed, received = _closed_within(conn, HEADER_TIMEOUT + 3)
+    assert closed and received.startswith(b"HTTP/1.1 408")

@@ -230,7 +230,9 @@ class TangHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         answering = self._pending is not None or (self.cycle is not None and not self.cycle.response_complete)
-        answered = self.cycle is not None and self.cycle.response_complete
+        answered = (
+            self._direct is None and self._pending is None and self.cycle is not None and self.cycle.response_complete
+        )
         if self._message_done and answering:
             self._start_deadline()  # still answering the last request: the clock starts after it
         elif (self._message_done and self._received == 0) or (self._headers_done and answered):
