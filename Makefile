@@ -29,7 +29,7 @@ DEBIAN_PACKAGES := clevis jose tang socat curl wrk openssl prometheus
 SOURCES := pyproject.toml Cargo.toml Cargo.lock $(wildcard rust/*/Cargo.toml) \
 	$(shell find rust python -name '*.rs' -o -name '*.pyi' 2>/dev/null)
 
-.PHONY: help run test lint bench capacity soak fuzz fuzz-smoke cargo-fuzz debian-packages rust-test python-test clean
+.PHONY: help run test lint bench capacity soak overload fuzz fuzz-smoke cargo-fuzz debian-packages rust-test python-test clean
 
 help:
 	@echo "make run    serve the Tang protocol on $(HOST):$(PORT) from ./$(KEYS) (keys generated on first start)"
@@ -38,6 +38,7 @@ help:
 	@echo "make bench  P-521 candidates against openssl speed, micro benchmarks, and the wrk load harness"
 	@echo "make capacity  throughput and latency by workers and offered load: bench/results/capacity/report.md"
 	@echo "make soak   a bounded long run reporting worker memory at start and end (SOAK_MINUTES=3)"
+	@echo "make overload  /rec at 2x saturation, open loop, with and without backpressure"
 	@echo "make fuzz   cargo fuzz on the P-521 API and the raw-socket fuzzer, FUZZ_SECONDS=600 each"
 
 $(STAMP): $(SOURCES)
@@ -98,6 +99,9 @@ capacity: $(STAMP) debian-packages
 
 soak: $(STAMP) debian-packages
 	cd bench && ../$(BIN)/python soak.py --minutes $(SOAK_MINUTES) --workers $(WORKERS)
+
+overload: $(STAMP) debian-packages
+	cd bench && ../$(BIN)/python overload.py
 
 clean:
 	rm -rf $(VENV) target bench/p521-candidates/target $(FUZZ_CRATE)/target
