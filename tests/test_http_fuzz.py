@@ -276,7 +276,7 @@ def fuzz_target(base: Path) -> Iterator[tuple[int, int, list[bytes]]]:
 def test_raw_socket_fuzz(tmp_path: Path) -> None:
     seed = int(os.environ.get("TANG_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
     with fuzz_target(tmp_path) as (port, parent, seeds):
-        warm_up = min(5.0, FUZZ_SECONDS / 4)
+        warm_up = min(60.0, FUZZ_SECONDS / 4)  # memory settles in the first minute (allocator pools, caches)
         tally, failures = fuzz(port, seeds, seed, warm_up)
         before = worker_rss(parent)
         more, more_failures = fuzz(port, seeds, seed + 1, FUZZ_SECONDS - warm_up)
