@@ -23,7 +23,8 @@ from load import HERE, free_port, prepare_keys, serve_command, started
 
 
 def worker_rss(parent: int) -> dict[int, int]:
-    """RSS in KiB of the direct children of the uvicorn parent (the workers)."""
+    """RSS in KiB of each worker: the uvicorn parent's children, or the server itself when it runs one worker
+    (then uvicorn serves in the parent process)."""
     sizes = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -39,8 +40,10 @@ def worker_rss(parent: int) -> dict[int, int]:
             continue
         if b"resource_tracker" in command:  # multiprocessing's helper, not a worker
             continue
-        if int(fields.get("PPid", "0").strip()) == parent:
+        if int(fields.get("PPid", "0").strip()) == parent or int(entry) == parent:
             sizes[int(entry)] = int(fields["VmRSS"].split()[0])
+    if len(sizes) > 1:
+        del sizes[parent]  # the supervisor, not a worker
     return sizes
 
 
