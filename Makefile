@@ -24,7 +24,7 @@ CARGO_FUZZ := RUSTC_BOOTSTRAP=1 cargo fuzz
 
 # Debian packages the interop tests and benchmarks drive: the real client, the jose oracle, the reference
 # server and the tools around it.
-DEBIAN_PACKAGES := clevis jose tang socat curl wrk openssl prometheus
+DEBIAN_PACKAGES := clevis jose tang socat curl wrk openssl prometheus haproxy
 
 SOURCES := pyproject.toml Cargo.toml Cargo.lock $(wildcard rust/*/Cargo.toml) \
 	$(shell find rust python -name '*.rs' -o -name '*.pyi' 2>/dev/null)
