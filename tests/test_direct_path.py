@@ -91,3 +91,15 @@ def test_direct_answers_are_counted_and_logged(keys: Path, tmp_path: Path) -> No
     assert "tang_recovery_exchange_duration_seconds_count 3.0" in metrics
     assert log.count(f'"POST /rec/{kid} HTTP/1.1" 200') == 3
     assert log.count('"GET /adv HTTP/1.1" 200') == 3
+
+
+def test_several_forwarded_for_headers_are_one_list_on_both_paths(keys: Path, tmp_path: Path) -> None:
+    """Through a trusted proxy the client is the right-most untrusted hop of all X-Forwarded-For headers."""
+    policy = ["--trusted-proxy", "127.0.0.0/8", "--allow-advertisement", "10.0.0.0/8"]
+    with our_server(keys, tmp_path / "log", *policy) as server:
+        for first, last, expected in (("192.0.2.1", "10.1.2.3", b"200"), ("10.1.2.3", "192.0.2.1", b"403")):
+            head = f"GET /adv HTTP/1.1\r\nX-Forwarded-For: {first}\r\nX-Forwarded-For: {last}\r\nConnection: close\r\n"
+            direct = raw_request(server.port, (head + "\r\n").encode())
+            general = raw_request(server.port, (head + "Expect: 100-continue\r\n\r\n").encode())
+            assert direct.startswith(b"HTTP/1.1 " + expected)
+            assert general.startswith(b"HTTP/1.1 " + expected)

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -201,7 +201,7 @@ class TangApplication:
 
     def _client(self, scope: Scope) -> str:
         peer = scope.get("client")
-        return client_address(peer[0] if peer else None, _header(scope, b"x-forwarded-for"), self.trusted)
+        return client_address(peer[0] if peer else None, forwarded_for(scope["headers"]), self.trusted)
 
     def direct_route(self, method: str, target: bytes) -> tuple[TangRoute, str] | None:
         """The Tang route and key id of a request the protocol may answer without the ASGI machinery
@@ -318,11 +318,10 @@ class TangApplication:
         await reply(send, HTTPStatus.OK, json.dumps(body, separators=(",", ":")).encode(), JSON_TYPE)
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
+def forwarded_for(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """Every X-Forwarded-For header's hops, in order (several headers mean one comma-separated list)."""
+    values = [bytes(value) for name, value in headers if name == b"x-forwarded-for"]
+    return b",".join(values) if values else None
 
 
 def _declared_length(scope: Scope) -> int:

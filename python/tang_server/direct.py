@@ -43,13 +43,12 @@ class RequestHead:
     """What the direct path needs from a request's headers."""
 
     declared_length: int
-    forwarded_for: bytes | None
     chunked: bool
 
 
 def read_head(headers: list[tuple[bytes, bytes]]) -> RequestHead | None:
-    """The headers that matter here, or None when they need the general path's handling."""
-    length, forwarded_for, chunked = 0, None, False
+    """The framing headers, or None when they need the general path's handling."""
+    length, chunked = 0, False
     for name, value in headers:
         if name == b"content-length":
             try:
@@ -58,9 +57,7 @@ def read_head(headers: list[tuple[bytes, bytes]]) -> RequestHead | None:
                 return None
         elif name == b"transfer-encoding":
             chunked = True
-        elif name == b"x-forwarded-for":
-            forwarded_for = value
-    return RequestHead(length, forwarded_for, chunked)
+    return RequestHead(length, chunked)
 
 
 def answer_bytes(answer: Answer, default_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:

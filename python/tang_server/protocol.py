@@ -23,7 +23,7 @@ from http import HTTPStatus
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .app import ARRIVAL_EXTENSION, RAW_TARGET_EXTENSION, TangApplication
+from .app import ARRIVAL_EXTENSION, RAW_TARGET_EXTENSION, TangApplication, forwarded_for
 from .clientaddress import client_address
 from .direct import DirectRequest, answer_bytes, read_head
 from .responses import Answer
@@ -182,7 +182,7 @@ class TangHttpProtocol(HttpToolsProtocol):
             http_version=http_version,
             keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
             peer=self.client[0] if self.client else None,
-            forwarded_for=head.forwarded_for,
+            forwarded_for=forwarded_for(self.headers),
             arrival=arrival,
         )
 
