@@ -160,7 +160,7 @@ class TangApplication:
         try:
             if len(target) >= self.settings.max_target_bytes:
                 await reply(tracking_send, HTTPStatus.REQUEST_URI_TOO_LONG)
-            elif _declared_length(scope) >= self.settings.max_body_bytes:
+            elif declared_length(scope["headers"]) >= self.settings.max_body_bytes:
                 await _discard_body(receive)
                 await reply(tracking_send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             else:
@@ -324,8 +324,9 @@ def forwarded_for(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     return b",".join(values) if values else None
 
 
-def _declared_length(scope: Scope) -> int:
-    for name, value in scope["headers"]:
+def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """The Content-Length header's value, 0 without one (httptools has refused malformed ones already)."""
+    for name, value in headers:
         if name == b"content-length":
             try:
                 return int(value)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
-from .app import TangRoute
+from .app import TangRoute, declared_length
 from .responses import Answer
 
 
@@ -38,26 +38,11 @@ class DirectRequest:
     refresh: asyncio.Future[None] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
-    """What the direct path needs from a request's headers."""
-
-    declared_length: int
-    chunked: bool
-
-
-def read_head(headers: list[tuple[bytes, bytes]]) -> RequestHead | None:
-    """The framing headers, or None when they need the general path's handling."""
-    length, chunked = 0, False
-    for name, value in headers:
-        if name == b"content-length":
-            try:
-                length = int(value)
-            except ValueError:
-                return None
-        elif name == b"transfer-encoding":
-            chunked = True
-    return RequestHead(length, chunked)
+def framed_by_length(headers: list[tuple[bytes, bytes]], limit: int) -> bool:
+    """True when the body has a declared length under `limit` (or none) and no transfer coding."""
+    if any(name == b"transfer-encoding" for name, _ in headers):
+        return False
+    return declared_length(headers) < limit
 
 
 def answer_bytes(answer: Answer, default_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:

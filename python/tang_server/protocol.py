@@ -25,7 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .app import ARRIVAL_EXTENSION, RAW_TARGET_EXTENSION, TangApplication, forwarded_for
 from .clientaddress import client_address
-from .direct import DirectRequest, answer_bytes, read_head
+from .direct import DirectRequest, answer_bytes, framed_by_length
 from .responses import Answer
 
 logger = logging.getLogger(__name__)
@@ -170,8 +170,7 @@ class TangHttpProtocol(HttpToolsProtocol):
             return None  # uvicorn answers 503
         method = self.parser.get_method().decode("ascii")
         found = app.direct_route(method, self.url)
-        head = read_head(self.headers)
-        if found is None or head is None or head.chunked or head.declared_length >= app.settings.max_body_bytes:
+        if found is None or not framed_by_length(self.headers, app.settings.max_body_bytes):
             return None
         http_version = self.parser.get_http_version()
         return DirectRequest(
