@@ -30,8 +30,7 @@ class DirectRequest:
     target: bytes
     http_version: str
     keep_alive: bool
-    peer: str | None
-    forwarded_for: bytes | None
+    client: str  # the client's address (through trusted proxies), for the access policy and the log
     arrival: float
     body: bytearray = field(default_factory=bytearray)
     #: Applying a key change off the loop before answering (see `TangHttpProtocol._answer_pending`).

@@ -180,8 +180,7 @@ class TangHttpProtocol(HttpToolsProtocol):
             target=self.url,
             http_version=http_version,
             keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
-            peer=self.client[0] if self.client else None,
-            forwarded_for=forwarded_for(self.headers),
+            client=client_address(self.client[0] if self.client else None, forwarded_for(self.headers), app.trusted),
             arrival=arrival,
         )
 
@@ -203,16 +202,15 @@ class TangHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return  # the client is gone: spare the multiplication
         began = time.perf_counter()
-        client = client_address(request.peer, request.forwarded_for, app.trusted)
         try:
-            answer = app.answer_directly(request.route, request.thp, client, bytes(request.body), request.arrival,
-                                         app.store.keyset)  # fmt: skip
+            answer = app.answer_directly(request.route, request.thp, request.client, bytes(request.body),
+                                         request.arrival, app.store.keyset)  # fmt: skip
         except Exception:
             logger.exception("error answering %s", request.method)  # as on the general path: no details out
             answer = Answer(HTTPStatus.INTERNAL_SERVER_ERROR)
         self.transport.write(answer_bytes(answer, self.server_state.default_headers, request.keep_alive))
-        app.record(request.route.name, request.method, request.target, request.http_version, client, answer.status,
-                   time.perf_counter() - began)  # fmt: skip
+        app.record(request.route.name, request.method, request.target, request.http_version, request.client,
+                   answer.status, time.perf_counter() - began)  # fmt: skip
         if not request.keep_alive:
             self.transport.close()
         self.on_response_complete()
