@@ -55,7 +55,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio's classes
-        self.pool.connected(self)
+        self.pool.idle(self)
 
     def send(self, request: bytes, done: Callable[[int], None]) -> None:
         assert self.transport is not None
@@ -106,6 +106,7 @@ class Pool:
         self.backlog: deque[float] = deque()
         self.results: list[Result] = []
         self.outstanding = 0
+        self.connecting: set[asyncio.Task[None]] = set()
 
     def submit(self, scheduled: float) -> None:
         self.outstanding += 1
@@ -113,27 +114,28 @@ class Pool:
             self._start(self.free.pop(), scheduled)
             return
         self.backlog.append(scheduled)
-        if self.opened < self.size:
-            self.opened += 1
-            task = self.loop.create_task(self.loop.create_connection(lambda: Connection(self), "127.0.0.1", self.port))
-            task.add_done_callback(self._open_failed)
+        self._open_for_backlog()
 
     async def open(self, count: int) -> None:
         """Opens `count` connections ahead of the schedule: a storm's clients connect at no cost to this generator."""
         for first in range(0, count, 500):
-            batch = [
-                self.loop.create_connection(lambda: Connection(self), "127.0.0.1", self.port)
-                for _ in range(first, min(count, first + 500))
-            ]
-            self.opened += len(batch)
-            await asyncio.gather(*batch)
+            batch = min(count, first + 500) - first
+            self.opened += batch
+            await asyncio.gather(*(self._connect() for _ in range(batch)))
 
-    def _open_failed(self, task: asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]) -> None:
-        if task.exception() is not None:
+    async def _connect(self) -> None:
+        """One more connection, already counted in `opened` (uncounted again if it fails)."""
+        try:
+            await self.loop.create_connection(lambda: Connection(self), "127.0.0.1", self.port)
+        except OSError:
             self.opened -= 1
 
-    def connected(self, connection: Connection) -> None:
-        self.idle(connection)
+    def _open_for_backlog(self) -> None:
+        if self.backlog and self.opened < self.size:
+            self.opened += 1
+            task = self.loop.create_task(self._connect())
+            self.connecting.add(task)
+            task.add_done_callback(self.connecting.discard)
 
     def idle(self, connection: Connection) -> None:
         now = time.monotonic()
@@ -148,10 +150,7 @@ class Pool:
         self.opened -= 1
         with contextlib.suppress(ValueError):
             self.free.remove(connection)
-        if self.backlog and self.opened < self.size:
-            self.opened += 1
-            task = self.loop.create_task(self.loop.create_connection(lambda: Connection(self), "127.0.0.1", self.port))
-            task.add_done_callback(self._open_failed)
+        self._open_for_backlog()
 
     def _start(self, connection: Connection, scheduled: float) -> None:
         connection.send(self.request, lambda status: self._record(scheduled, status))
