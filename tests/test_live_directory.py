@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,28 +136,23 @@ def test_directory_deleted_and_recreated(server_keys: tuple[Server, Path]) -> No
     assert _rec(server.port, exc) == 200
 
 
-@pytest.fixture
-def public_tmp() -> Iterator[Path]:
-    """A temporary directory an unprivileged user can reach (pytest's own is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="tang-test-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+#: Root reads anything through these two capabilities; without them root is held to the permission bits.
+_WITHOUT_DAC_BYPASS = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"]
 
 
-def test_unreadable_directory_keeps_last_set(public_tmp: Path) -> None:
-    """Run as an unprivileged user (root reads anything), then take the directory's permissions away."""
-    nobody = 65534
-    tmp_path = public_tmp
+def test_unreadable_directory_keeps_last_set(tmp_path: Path) -> None:
+    """The directory's permissions are taken away while the server runs.
+
+    Root ignores permission bits, so the server runs as root *without* the two capabilities that bypass them
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) rather than as another user: another user could not reach the
+    interpreter when the checkout, the virtual environment or the Python installation sits under a directory only
+    root may enter (a clone in /root, mode 0700), while root without those capabilities still can, as their owner.
+    """
     keys = tmp_path / "keys"
     keyfiles.generate_keys(keys)
-    for path in [keys, *keys.iterdir()]:
-        os.chown(path, nobody, nobody)
     port = free_port()
-    setpriv = ["setpriv", "--reuid", str(nobody), "--regid", str(nobody), "--clear-groups"]
-    command = [*setpriv, *serve_command(keys, port, "--no-auto-keygen")]
-    env = {**os.environ, "HOME": str(tmp_path)}
-    with running(command, port, tmp_path / "log", env=env) as server:
+    command = [*_WITHOUT_DAC_BYPASS, *serve_command(keys, port, "--no-auto-keygen")]
+    with running(command, port, tmp_path / "log") as server:
         _, exchange = load_keys(keys)
         before = _advertised(server.port)
         os.chmod(keys, 0o000)
