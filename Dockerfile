@@ -8,9 +8,10 @@ FROM rust:1.88.0-slim-bookworm AS build
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-pip python3-venv gcc make \
     && rm -rf /var/lib/apt/lists/*
-RUN python3 -m venv /opt/maturin \
-    && /opt/maturin/bin/pip install --no-cache-dir maturin==1.16.0
 WORKDIR /src
+COPY requirements/build.lock requirements/
+RUN python3 -m venv /opt/maturin \
+    && /opt/maturin/bin/pip install --no-cache-dir --require-hashes -r requirements/build.lock
 COPY Cargo.toml Cargo.lock pyproject.toml README.md ./
 COPY rust ./rust
 COPY python ./python
@@ -21,10 +22,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1
 COPY --from=build /dist /dist
-# The project's dependencies are pinned with lower bounds in pyproject.toml; the wheel brings them.
+COPY requirements/runtime.lock /tmp/runtime.lock
+# Exactly the dependency versions CI tested (hash-checked), then the wheel without letting pip pick any others.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir /dist/*.whl \
-    && rm -rf /dist \
+RUN pip install --no-cache-dir --require-hashes -r /tmp/runtime.lock \
+    && pip install --no-cache-dir --no-deps /dist/*.whl \
+    && rm -rf /dist /tmp/runtime.lock \
     && groupadd --gid 10001 tang \
     && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin tang
 # Works with a read-only root file system: the server writes only its metrics files, under /tmp (an emptyDir

@@ -5,7 +5,15 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
-STAMP := $(VENV)/.installed
+# Setup in three steps, each redone only when its inputs change: the locked dependencies `make run` needs, the
+# locked extras `make test` needs, and the project itself (the Rust extension, rebuilt incrementally by cargo
+# when a Rust or Python-packaging file changes, without touching the installed dependencies).
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
+STAMP := $(VENV)/.project-installed
+PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
+# The minimum declared versions (floor.lock), in a virtual environment of their own for `make floor-test`.
+FLOOR_VENV := .venv-floor
 
 HOST ?= 127.0.0.1
 PORT ?= 7500
@@ -29,7 +37,7 @@ DEBIAN_PACKAGES := clevis jose tang socat curl wrk openssl prometheus haproxy
 SOURCES := pyproject.toml Cargo.toml Cargo.lock $(wildcard rust/*/Cargo.toml) \
 	$(shell find rust python -name '*.rs' -o -name '*.pyi' 2>/dev/null)
 
-.PHONY: help run test lint bench capacity soak overload fuzz fuzz-smoke cargo-fuzz debian-packages rust-test python-test clean
+.PHONY: help prerequisites run test floor-test lock lint bench capacity soak overload fuzz fuzz-smoke cargo-fuzz debian-packages rust-test python-test clean
 
 help:
 	@echo "make run    serve the Tang protocol on $(HOST):$(PORT) from ./$(KEYS) (keys generated on first start)"
@@ -41,10 +49,24 @@ help:
 	@echo "make overload  /rec at 2x saturation, open loop, with and without backpressure"
 	@echo "make fuzz   cargo fuzz on the P-521 API and the raw-socket fuzzer, FUZZ_SECONDS=600 each"
 
-$(STAMP): $(SOURCES)
+# One clear line per missing tool instead of a build error screen (no root needed for `make run`).
+prerequisites:
+	@bash tools/check-prerequisites $(PYTHON)
+
+$(RUNTIME_STAMP): requirements/runtime.lock requirements/build.lock | prerequisites
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint,bench,kubernetes]'
+	$(PIP_INSTALL) --require-hashes -r requirements/runtime.lock -r requirements/build.lock
+	touch $@
+
+$(DEV_STAMP): $(RUNTIME_STAMP) requirements/dev.lock
+	$(PIP_INSTALL) --require-hashes -r requirements/dev.lock
+	touch $@
+
+# --no-deps: the dependencies come from the lock only; --no-build-isolation: the locked maturin builds, and cargo
+# reuses ./target, so a change to one Rust file recompiles that crate, not the environment.
+$(STAMP): $(RUNTIME_STAMP) $(SOURCES)
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	touch $@
 
 run: $(STAMP)
@@ -60,14 +82,42 @@ debian-packages:
 rust-test:
 	cargo test --workspace --locked
 
-python-test: $(STAMP) debian-packages
+python-test: $(DEV_STAMP) $(STAMP) debian-packages
 	$(BIN)/pytest
 
-test: debian-packages $(STAMP) rust-test python-test fuzz-smoke lint
+# The Python tests against the minimum version of every runtime dependency pyproject.toml declares (CI runs it).
+$(FLOOR_VENV)/.installed: requirements/floor.lock $(SOURCES) | prerequisites
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements/floor.lock
+	$(FLOOR_VENV)/bin/pip check
+	$(FLOOR_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
 
-lint: $(STAMP)
-	$(BIN)/ruff check python tests bench
-	$(BIN)/ruff format --check python tests bench
+floor-test: $(FLOOR_VENV)/.installed debian-packages
+	$(FLOOR_VENV)/bin/python requirements/floors.py --check pyproject.toml
+	$(FLOOR_VENV)/bin/pytest -p no:cacheprovider
+
+# Regenerate the locks after changing a dependency in pyproject.toml or requirements/*.in (needs the network).
+UV_VERSION := 0.13.9
+lock:
+	$(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION) packaging
+	cd requirements && ../$(VENV)-lock/bin/python floors.py ../pyproject.toml > floors.txt
+	cd requirements && for args in "runtime.lock ../pyproject.toml" "build.lock build.in" \
+		"dev.lock ../pyproject.toml dev.in --all-extras -c runtime.lock" \
+		"floor.lock ../pyproject.toml dev.in --all-extras --override floors.txt"; do \
+		set -- $$args; out=$$1; shift; \
+		../$(VENV)-lock/bin/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+			--custom-compile-command "make lock" "$$@" -o $$out || exit 1; \
+	done
+	rm -rf $(VENV)-lock requirements/floors.txt
+
+test: debian-packages $(DEV_STAMP) $(STAMP) rust-test python-test fuzz-smoke lint
+
+lint: $(DEV_STAMP) $(STAMP)
+	$(BIN)/ruff check python tests bench requirements
+	$(BIN)/ruff format --check python tests bench requirements
 	$(BIN)/mypy
 	$(BIN)/python -m mypy.stubtest tang_server._native
 	cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -82,26 +132,26 @@ cargo-fuzz:
 fuzz-smoke: cargo-fuzz
 	cd $(FUZZ_CRATE) && $(CARGO_FUZZ) run exchange -- -max_total_time=$(FUZZ_SMOKE_SECONDS)
 
-fuzz: cargo-fuzz $(STAMP) debian-packages
+fuzz: cargo-fuzz $(DEV_STAMP) $(STAMP) debian-packages
 	cd $(FUZZ_CRATE) && $(CARGO_FUZZ) run exchange -- -max_total_time=$(FUZZ_SECONDS)
 	TANG_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/pytest tests/test_http_fuzz.py -s -o timeout=0
 
-bench: $(STAMP) debian-packages
+bench: $(DEV_STAMP) $(STAMP) debian-packages
 	cargo run --release --quiet --manifest-path bench/p521-candidates/Cargo.toml
 	openssl speed -seconds 3 ecdhp521 2>/dev/null | tail -2
 	cargo build --release --quiet -p tang-p521 --example mul_rate
 	$(BIN)/pytest bench --benchmark-only --benchmark-columns=min,median,mean,ops
 	cd bench && ../$(BIN)/python load.py --seconds $(BENCH_SECONDS) --workers $(WORKERS)
 
-capacity: $(STAMP) debian-packages
+capacity: $(DEV_STAMP) $(STAMP) debian-packages
 	cargo build --release --quiet -p tang-p521 --example mul_rate
 	cd bench && ../$(BIN)/python capacity.py --seconds $(BENCH_SECONDS)
 
-soak: $(STAMP) debian-packages
+soak: $(DEV_STAMP) $(STAMP) debian-packages
 	cd bench && ../$(BIN)/python soak.py --minutes $(SOAK_MINUTES) --workers $(WORKERS)
 
-overload: $(STAMP) debian-packages
+overload: $(DEV_STAMP) $(STAMP) debian-packages
 	cd bench && ../$(BIN)/python overload.py
 
 clean:
-	rm -rf $(VENV) target bench/p521-candidates/target $(FUZZ_CRATE)/target
+	rm -rf $(VENV) $(FLOOR_VENV) target bench/p521-candidates/target $(FUZZ_CRATE)/target
