@@ -30,9 +30,11 @@ FUZZ_CRATE := rust/tang-p521/fuzz
 # them when told it is bootstrapping itself.
 CARGO_FUZZ := RUSTC_BOOTSTRAP=1 cargo fuzz
 
-# Debian packages the interop tests and benchmarks drive: the real client, the jose oracle, the reference
-# server and the tools around it.
-DEBIAN_PACKAGES := clevis jose tang socat curl wrk openssl prometheus haproxy
+# Debian packages the interop tests and benchmarks drive: the real client (with its LUKS workflows), the jose
+# oracle, the reference server and the tools around it; cryptsetup works on LUKS images in plain files, and
+# systemd's socket-activation and analysis tools work without systemd running.
+DEBIAN_PACKAGES := clevis clevis-luks cryptsetup-bin luksmeta jose tang socat curl wrk openssl prometheus haproxy \
+	systemd
 
 SOURCES := pyproject.toml Cargo.toml Cargo.lock $(wildcard rust/*/Cargo.toml) \
 	$(shell find rust python -name '*.rs' -o -name '*.pyi' 2>/dev/null)
