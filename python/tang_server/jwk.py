@@ -61,9 +61,14 @@ def permits(jwk: object, operation: str) -> bool:
     return isinstance(ops, list) and operation in ops
 
 
+def without_private_members(jwk: JWK) -> dict[str, Any]:
+    """The JWK without its private members (`key_ops` untouched: it says what the key is for)."""
+    return {name: value for name, value in jwk.items() if name not in _PRIVATE_MEMBERS}
+
+
 def public_form(jwk: JWK) -> dict[str, Any]:
     """The advertised form: private members removed, private operations removed from `key_ops`."""
-    public = {name: value for name, value in jwk.items() if name not in _PRIVATE_MEMBERS}
+    public = without_private_members(jwk)
     if isinstance(public.get("key_ops"), list):
         public["key_ops"] = [op for op in public["key_ops"] if op not in _PRIVATE_OPS]
     return public

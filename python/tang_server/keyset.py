@@ -3,17 +3,21 @@
 Building a `KeySet` reads and parses the files, validates the exchange keys in Rust, computes the thumbprint
 index and signs the advertisement once per signing key. Serving from it is dictionary lookups: a request never
 reads a file, never signs and never builds JSON for `/adv`.
+
+Secrets live in Rust only: an exchange key's scalar goes into its Rust `ExchangeKey`, a signing key's private
+part signs while the set is built and is dropped with the build's locals. No object of a built set holds `d`.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +43,20 @@ class KeyKind(enum.Enum):
 
 @dataclass(frozen=True, eq=False)
 class Key:
-    """One key file's key. `jwk` is the file's JSON object and may hold private members: never log it."""
+    """One key file's key, without its private part (see the module's docstring)."""
 
     name: str
     hidden: bool
     kind: KeyKind
+    #: The file's JSON object without its private member `d` (`key_ops` as in the file).
     jwk: Mapping[str, Any] = field(repr=False)
     thumbprints: tuple[str, ...]
     #: The Rust-held private scalar of a usable exchange key (None for signing keys and unusable ones).
     exchange: ExchangeKey | None = field(default=None, repr=False)
+    #: A signing key's JWS signature (`protected`, `signature`) over `signed_payload`, made when its set was
+    #: built. Kept because the private part is not: a later set with the same payload reuses it.
+    signature: Mapping[str, str] | None = field(default=None, repr=False)
+    signed_payload: bytes | None = field(default=None, repr=False)
 
     @property
     def kid(self) -> str:
@@ -100,16 +109,13 @@ def load_keyset(directory: Path, previous: KeySet | None = None) -> KeySet:
 
     Raises OSError when the directory, or a key file in it, cannot be read: the caller keeps its last set
     rather than serving one with keys silently missing. A key file that is caught half written is skipped,
-    except that a file which held a key in `previous` keeps that key until it parses again: an accident in
-    progress never changes what is served.
+    except that a file which held a key in `previous` keeps that key (the same `Key` object) until it parses
+    again: an accident in progress never changes what is served. Such a signing key can no longer sign, so
+    when the advertisement changed meanwhile this raises OSError too, and the previous set keeps serving.
     """
     scan = scan_directory(directory)
-    files = dict(scan.files)
-    if previous is not None:
-        for key in previous.keys:
-            if key.name in scan.unparsable:
-                files[key.name] = key.jwk
-    return build_keyset(sorted(files.items()), fingerprint=scan.fingerprint)
+    kept = [] if previous is None else [key for key in previous.keys if key.name in scan.unparsable]
+    return build_keyset(sorted(scan.files.items()), fingerprint=scan.fingerprint, kept=kept)
 
 
 @dataclass(frozen=True)
@@ -173,29 +179,39 @@ def _describe(exc: BaseException) -> str:
 
 
 def build_keyset(
-    files: Iterable[tuple[str, Mapping[str, Any]]], fingerprint: tuple[tuple[str, int, int, int], ...] = ()
+    files: Iterable[tuple[str, Mapping[str, Any]]],
+    fingerprint: tuple[tuple[str, int, int, int], ...] = (),
+    kept: Iterable[Key] = (),
 ) -> KeySet:
-    keys: list[Key] = []
-    problems: list[str] = []
+    """Build a set from parsed key files (`(name, JSON object)`) plus `kept` keys of an earlier set."""
+    # Signing keys' private JWKs by file name: they sign below and are never stored in what is returned.
+    private: dict[str, Mapping[str, Any]] = {}
+    unsigned = list(kept)
     for name, data in files:
         key = _make_key(name, data)
         if key is not None:
-            keys.append(key)
+            unsigned.append(key)
+            if key.kind is KeyKind.SIGNING:
+                private[name] = data
+    unsigned.sort(key=lambda key: key.name)
+    advertised = [key for key in unsigned if not key.hidden and key.kind is KeyKind.SIGNING]
+    advertised += [key for key in unsigned if not key.hidden and key.kind is KeyKind.EXCHANGE]
+    payload = _payload(advertised)
+    keys = [_signed(key, payload, private.get(key.name)) for key in unsigned]
+
+    problems: list[str] = []
     by_thumbprint: dict[str, Key] = {}
     for key in keys:
         for thp in key.thumbprints:
             by_thumbprint.setdefault(thp, key)
-
     visible_signing = [key for key in keys if key.kind is KeyKind.SIGNING and not key.hidden]
     visible_exchange = [key for key in keys if key.kind is KeyKind.EXCHANGE and not key.hidden]
-    payload = _payload(visible_signing + visible_exchange)
-    signatures = _sign_payload(keys, payload)
-    default = _serialize(payload, signatures, visible_signing)
+    default = _serialize(payload, visible_signing)
     advertisements: dict[str, bytes] = {}
     for key in keys:
         if key.kind is KeyKind.SIGNING:
             # As the reference does: every visible signer plus the requested one (so a visible key signs twice).
-            body = _serialize(payload, signatures, [*visible_signing, key])
+            body = _serialize(payload, [*visible_signing, key])
             assert body is not None
             advertisements.update(dict.fromkeys(key.thumbprints, body))
 
@@ -230,12 +246,12 @@ def _make_key(name: str, data: Mapping[str, Any]) -> Key | None:
         exchange = _exchange_key(name, data)
         if exchange is None and "d" in data:
             return None  # invalid private key: reported, not served
-        return Key(name, hidden, KeyKind.EXCHANGE, data, thumbprints, exchange)
+        return Key(name, hidden, KeyKind.EXCHANGE, jwk.without_private_members(data), thumbprints, exchange)
     if jwk.permits(data, "sign") and jwk.permits(data, "verify"):
         if data["crv"] not in _SIGNING_ALGORITHMS or not isinstance(data.get("d"), str):
             logger.warning("skipping key file %s: signing key without a usable private key", name)
             return None
-        return Key(name, hidden, KeyKind.SIGNING, data, thumbprints)
+        return Key(name, hidden, KeyKind.SIGNING, jwk.without_private_members(data), thumbprints)
     logger.warning("skipping key file %s: neither a signing nor an exchange key", name)
     return None
 
@@ -267,28 +283,38 @@ def _payload(advertised: Iterable[Key]) -> bytes:
     return json.dumps({"keys": keys}, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _sign_payload(keys: Iterable[Key], payload: bytes) -> dict[Key, dict[str, str]]:
-    """One JWS signature (`protected` and `signature`, base64url) per signing key, made once per key set."""
-    signatures = {}
-    for key in keys:
-        if key.kind is not KeyKind.SIGNING:
-            continue
-        alg = _SIGNING_ALGORITHMS[key.jwk["crv"]]
-        protected = json.dumps({"alg": alg, "cty": "jwk-set+json"}, separators=(",", ":"))
-        token = jwcrypto_jws.JWS(payload)
-        token.add_signature(jwcrypto_jwk.JWK(**key.jwk), alg=alg, protected=protected)
-        flattened = json.loads(token.serialize())
-        signatures[key] = {"protected": flattened["protected"], "signature": flattened["signature"]}
-    return signatures
+def _signed(key: Key, payload: bytes, private: Mapping[str, Any] | None) -> Key:
+    """A signing key with its signature over `payload`: made with `private`, or the one it carries already."""
+    if key.kind is not KeyKind.SIGNING:
+        return key
+    if private is not None:
+        return replace(key, signature=_sign(private, payload), signed_payload=payload)
+    if key.signed_payload == payload:
+        return key  # kept from the previous set while its file is rewritten, and nothing it signs has changed
+    raise OSError(
+        errno.EAGAIN,
+        f"signing key file {key.name} is being rewritten while the advertisement changes; retrying when complete",
+    )
 
 
-def _serialize(payload: bytes, signatures: Mapping[Key, dict[str, str]], signers: list[Key]) -> bytes | None:
+def _sign(private: Mapping[str, Any], payload: bytes) -> dict[str, str]:
+    """One JWS signature (`protected` and `signature`, base64url) by a signing key's private JWK."""
+    alg = _SIGNING_ALGORITHMS[private["crv"]]
+    protected = json.dumps({"alg": alg, "cty": "jwk-set+json"}, separators=(",", ":"))
+    token = jwcrypto_jws.JWS(payload)
+    token.add_signature(jwcrypto_jwk.JWK(**private), alg=alg, protected=protected)
+    flattened = json.loads(token.serialize())
+    return {"protected": flattened["protected"], "signature": flattened["signature"]}
+
+
+def _serialize(payload: bytes, signers: list[Key]) -> bytes | None:
     """Flattened JWS JSON for one signature, general JWS JSON for more, None for none."""
     if not signers:
         return None
     encoded = b64.encode(payload)
-    if len(signers) == 1:
-        document: dict[str, Any] = {"payload": encoded, **signatures[signers[0]]}
+    signatures = [dict(key.signature or {}) for key in signers]
+    if len(signatures) == 1:
+        document: dict[str, Any] = {"payload": encoded, **signatures[0]}
     else:
-        document = {"payload": encoded, "signatures": [signatures[key] for key in signers]}
+        document = {"payload": encoded, "signatures": signatures}
     return json.dumps(document, separators=(",", ":")).encode()
