@@ -131,10 +131,13 @@ def test_three_step_rekey(tmp_path: Path, env: dict[str, str], procedure: str, l
 
         # Step 1: a new server key. The old pair is hidden (still answering recoveries), one new pair is visible.
         NEW_SERVER_KEY[procedure](keys, env)
+        listing = sorted(os.listdir(keys))  # `ls -A1`: the old pair hidden, one new pair, nothing else
+        hidden = {name for name in listing if name.startswith(".")}
+        assert hidden == {f".{name}" for name in old.files}, listing
+        assert len(listing) == 4, f"not exactly one new pair after step 1: {listing}"
         pairs = key_pairs(keys)
         new = pairs[True]
         assert pairs[False].signing == old.signing and pairs[False].exchange == old.exchange
-        assert set(os.listdir(keys)) == {f".{name}" for name in old.files} | new.files  # `ls -A1`: nothing else
         assert new.signing != old.signing and new.exchange != old.exchange
         assert show_keys(port, env) == [new.signing]
         assert clevis_decrypt(encrypted_old, env).stdout == TEST_FILE
