@@ -191,7 +191,11 @@ class TangHttpProtocol(HttpToolsProtocol):
             return
         app = self.app
         assert isinstance(app, TangApplication)
-        if request.refresh is None and not app.store.is_fresh():
+        if blocking and request.refresh is not None and not request.refresh.done():
+            # The next request is arriving and this answer must leave first: wait for the rebuild this request
+            # started (refresh() takes the lock the thread holds, then applies anything queued since).
+            app.store.refresh()
+        elif request.refresh is None and not app.store.is_fresh():
             if blocking:
                 app.store.refresh()
             else:  # apply the change off the loop, as the general path does, then answer
