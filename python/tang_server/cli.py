@@ -11,7 +11,13 @@ from pathlib import Path
 
 from . import __version__, client, keyfiles, server
 from .keyset import load_keyset
-from .settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TARGET_BYTES, DEFAULT_PORT, Settings
+from .settings import (
+    DEFAULT_DRAIN_SECONDS,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_TARGET_BYTES,
+    DEFAULT_PORT,
+    Settings,
+)
 
 
 def port_number(text: str) -> int:
@@ -33,6 +39,13 @@ def positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text}")
     return value
 
 
@@ -102,6 +115,13 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-connections", type=positive, help="per worker; beyond it requests get 503")
     serve.add_argument("--max-body-bytes", type=positive, default=DEFAULT_MAX_BODY_BYTES)
+    serve.add_argument(
+        "--drain-seconds",
+        type=non_negative,
+        default=DEFAULT_DRAIN_SECONDS,
+        help="on SIGTERM, serve this long while not ready (load balancers take the replica out), then stop "
+        "accepting and answer what was received (default: %(default)s)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     serve.add_argument("--access-log-format", choices=["plain", "json"], default="plain")
@@ -272,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 metrics_dir=args.metrics_dir,
                 max_target_bytes=args.max_target_bytes,
                 max_body_bytes=args.max_body_bytes,
+                drain_seconds=args.drain_seconds,
                 request_timeout=args.request_timeout,
                 max_header_bytes=args.max_header_bytes,
                 keep_alive_seconds=args.keep_alive_seconds,

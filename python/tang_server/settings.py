@@ -16,6 +16,8 @@ MULTIPROCESS_ENVIRONMENT = "PROMETHEUS_MULTIPROC_DIR"
 DEFAULT_PORT = 7500
 DEFAULT_MAX_TARGET_BYTES = 4096  # a request target this long or longer is 414, as in the reference
 DEFAULT_MAX_BODY_BYTES = 65536  # a body this long or longer is 413, as in the reference
+#: Seconds between SIGTERM and closing the listener, serving but not ready, so load balancers take the replica out.
+DEFAULT_DRAIN_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class Settings:
     #: Connections (and requests) at once per worker beyond which new requests get 503; None: unlimited.
     max_connections: int | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: On SIGTERM or SIGINT: not ready but serving for this long, then the listener closes and what was received
+    #: is answered (see `server.py`). 0: close the listener at once.
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
     #: Re-read the directory this often even without inotify events (network file systems send none).
     recheck_seconds: float = 30.0
     #: Liveness (the process answers) and readiness (a usable key set is loaded); exact paths, never prefixed.
