@@ -34,7 +34,7 @@ def _with_hidden_pairs(keys: Path) -> None:
 
 def _read_answers(conn: socket.socket, count: int) -> list[bytes]:
     """The bodies of the next `count` answers (each must be 200)."""
-    data, bodies = b"", []
+    data, bodies = b"", list[bytes]()
     while len(bodies) < count:
         found = RESPONSE.match(data)
         if found is not None and len(data) >= found.end() + int(found.group(2)):
@@ -61,16 +61,18 @@ def test_a_change_before_each_pipelined_request_is_in_its_answer(keys: Path, tmp
     _, exchange = load_keys_visible(keys)
     kid = thumbprint(exchange)
     visible, hidden = keys / f"{kid}.jwk", keys / f".{kid}.jwk"
-    with our_server(keys, tmp_path / "log", "--no-auto-keygen") as server:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
-            for round_ in range(ROUNDS):
-                shown = round_ % 2 == 1
-                os.rename(*((hidden, visible) if shown else (visible, hidden)))
-                conn.sendall(ADV)
-                time.sleep(0.002)  # A is parsed and its rebuild started before B arrives
-                conn.sendall(ADV)
-                for body in _read_answers(conn, 2):
-                    assert (kid in _advertised(body)) == shown, f"round {round_}: a stale advertisement"
+    with (
+        our_server(keys, tmp_path / "log", "--no-auto-keygen") as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn,
+    ):
+        for round_ in range(ROUNDS):
+            shown = round_ % 2 == 1
+            os.rename(*((hidden, visible) if shown else (visible, hidden)))
+            conn.sendall(ADV)
+            time.sleep(0.002)  # A is parsed and its rebuild started before B arrives
+            conn.sendall(ADV)
+            for body in _read_answers(conn, 2):
+                assert (kid in _advertised(body)) == shown, f"round {round_}: a stale advertisement"
 
 
 def test_changes_between_pipelined_requests(keys: Path, tmp_path: Path) -> None:
@@ -78,19 +80,21 @@ def test_changes_between_pipelined_requests(keys: Path, tmp_path: Path) -> None:
     to each request advertises every key made visible before it was sent (and may show later ones)."""
     _with_hidden_pairs(keys)
     hidden_signing = sorted(p for p in keys.iterdir() if p.name.startswith(".") and "sign" in p.read_text())
-    with our_server(keys, tmp_path / "log", "--no-auto-keygen") as server:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
-            shown: list[str] = []
-            for start in range(0, len(hidden_signing) - 3, 4):
-                expected = []
-                for path in hidden_signing[start : start + 4]:
-                    os.rename(path, keys / path.name[1:])
-                    shown.append(path.name[1:].removesuffix(".jwk"))
-                    conn.sendall(ADV)
-                    expected.append(set(shown))
-                    time.sleep(0.002)
-                for body, before in zip(_read_answers(conn, len(expected)), expected, strict=True):
-                    assert before <= _advertised(body), "a key made visible before the request is missing"
+    with (
+        our_server(keys, tmp_path / "log", "--no-auto-keygen") as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn,
+    ):
+        shown: list[str] = []
+        for start in range(0, len(hidden_signing) - 3, 4):
+            expected = []
+            for path in hidden_signing[start : start + 4]:
+                os.rename(path, keys / path.name[1:])
+                shown.append(path.name[1:].removesuffix(".jwk"))
+                conn.sendall(ADV)
+                expected.append(set(shown))
+                time.sleep(0.002)
+            for body, before in zip(_read_answers(conn, len(expected)), expected, strict=True):
+                assert before <= _advertised(body), "a key made visible before the request is missing"
 
 
 def load_keys_visible(keys: Path) -> tuple[dict[str, object], dict[str, object]]:
