@@ -109,6 +109,8 @@ class TangApplication:
     ) -> None:
         self.store = store
         self.settings = settings
+        #: Set on SIGTERM (`server.DrainingServer`): readiness fails at once while requests are still served.
+        self.draining = False
         self.access_log = access_log
         self.metrics = metrics
         self.trusted = parse_networks(settings.trusted_proxies)
@@ -278,11 +280,13 @@ class TangApplication:
         await reply(send, HTTPStatus.OK, b'{"status":"ok"}', JSON_TYPE)
 
     async def ready(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
-        """Readiness: a key set that can serve clients (a visible signing and exchange key) is loaded."""
+        """Readiness: a key set that can serve clients (a visible signing and exchange key) is loaded, and the
+        process is not draining (stopping: load balancers must send new requests elsewhere)."""
         keyset = await self.store.current()
-        ready = keyset.ready
+        ready = keyset.ready and not self.draining
         body = {
             "ready": ready,
+            "draining": self.draining,
             "digest": keyset.digest,
             "problems": list(keyset.problems),
             "directory_error": self.store.failure,

@@ -12,12 +12,20 @@
   kept-alive connection is closed silently), its target must stay under `max_target_bytes` (414, decided as
   the target arrives instead of after buffering it) and its headers under `max_header_bytes` (431).
 - `/rec` and `/adv` requests are answered on the direct path (`direct.py`) when nothing needs the ASGI cycle.
+- Stopping drops nothing received (`server.DrainingServer`). While the process drains, a direct answer that is the
+  last thing its connection has received carries `Connection: close`, so kept-alive clients reconnect (through
+  the load balancer, to another replica). Once the listener has closed (`shutdown`), each connection answers
+  everything it has received, pipelined or not, then closes; an idle one closes at once. uvicorn's own
+  `shutdown` closes every connection without a running ASGI cycle, dropping a direct request not yet answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import struct
+import termios
 import time
 from http import HTTPStatus
 
@@ -51,6 +59,7 @@ class TangHttpProtocol(HttpToolsProtocol):
     _request_timer: asyncio.TimerHandle | None = None
     _direct: DirectRequest | None = None  # a direct-path request whose body is arriving
     _pending: DirectRequest | None = None  # a complete direct-path request waiting for its answer
+    _closing = False  # the listener has closed: close once everything received is answered
 
     @classmethod
     def configure(cls, request_timeout: float, max_target_bytes: int, max_header_bytes: int) -> None:
@@ -135,10 +144,34 @@ class TangHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.client_done and self._idle():
+        if (self.client_done and self._idle()) or (self._closing and self._nothing_more()):
             self.transport.close()
         elif not self.transport.is_closing():
             self._start_deadline()  # the next request on this connection has the same deadline
+
+    def answering(self) -> bool:
+        """True while a request received on this connection has not been answered."""
+        return not self.transport.is_closing() and not self._nothing_more()
+
+    def shutdown(self) -> None:
+        """Called by uvicorn once the listener has closed: answer what was received, then close."""
+        self._closing = True
+        if self.transport.is_closing():
+            return
+        if self._nothing_more():
+            self.transport.close()  # idle: nothing to answer
+            return
+        answering_last = (
+            self.cycle is not None
+            and not self.cycle.response_complete
+            and not self.pipeline
+            and self._direct is None
+            and self._pending is None
+            and (self._message_done or self._headers_done)  # nothing of a next request parsed yet
+            and _unread(self.transport) == 0
+        )
+        if answering_last:
+            self.cycle.keep_alive = False  # its answer says `Connection: close`, then uvicorn closes
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -150,6 +183,12 @@ class TangHttpProtocol(HttpToolsProtocol):
             self._request_timer.cancel()
             self._request_timer = None
         super().connection_lost(exc)
+
+    def _nothing_more(self) -> bool:
+        """True when every request this connection has received is answered: none being parsed, answered or
+        queued, and no byte waiting in the socket (closing with unread bytes would also reset the connection,
+        which can destroy answers the client has not read yet)."""
+        return self._message_done and self._idle() and _unread(self.transport) == 0
 
     def _idle(self) -> bool:
         return (
@@ -212,10 +251,13 @@ class TangHttpProtocol(HttpToolsProtocol):
         except Exception:
             logger.exception("error answering %s", request.method)  # as on the general path: no details out
             answer = Answer(HTTPStatus.INTERNAL_SERVER_ERROR)
-        self.transport.write(answer_bytes(answer, self.server_state.default_headers, request.keep_alive))
+        keep_alive = request.keep_alive
+        if (app.draining or self._closing) and keep_alive and not blocking and self._nothing_more():
+            keep_alive = False  # stopping, and nothing else received: the client must reconnect (elsewhere)
+        self.transport.write(answer_bytes(answer, self.server_state.default_headers, keep_alive))
         app.record(request.route.name, request.method, request.target, request.http_version, request.client,
                    answer.status, time.perf_counter() - began)  # fmt: skip
-        if not request.keep_alive:
+        if not keep_alive:
             self.transport.close()
         self.on_response_complete()
         if self.flow.write_paused:
@@ -247,3 +289,14 @@ class TangHttpProtocol(HttpToolsProtocol):
             b"HTTP/1.1 " + _STATUS_LINES[status] + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
         )
         self.transport.close()
+
+
+def _unread(transport: asyncio.BaseTransport) -> int:
+    """Bytes received by the kernel on the connection that the protocol has not read yet."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):  # closed meanwhile
+        return 0

@@ -1,10 +1,25 @@
-"""Running the application under uvicorn: listening (one or many workers), or on one inherited connection."""
+"""Running the application under uvicorn: listening (one or many workers), or on one inherited connection.
+
+Stopping drops nothing received. Each serving process (the only one, or each worker) goes through:
+
+    SERVING --SIGTERM or SIGINT--> DRAINING: /readyz answers 503 at once; the listener still accepts and every
+        request is served, for --drain-seconds, so that load balancers see the replica not ready and take it out
+    --> CLOSING (uvicorn's shutdown): the listener closes; each connection answers every request it has
+        received, pipelined or not, on the direct or the general path, then closes (`TangHttpProtocol.shutdown`);
+        idle ones close at once; after `closing_seconds` (a request arriving at the close has its whole
+        --request-timeout) whatever is left is cut
+    --> exit with status 0.
+
+A second SIGINT (Ctrl+C twice) ends the drain window at once; what was received is still answered.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import logging.config
+import math
+import multiprocessing
 import os
 import signal
 import socket
@@ -12,11 +27,14 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
 import uvloop
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.server import ServerState
 
 from . import keyfiles
@@ -82,7 +100,57 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         proxy_headers=False,
         timeout_keep_alive=int(max(1, settings.keep_alive_seconds)),
         limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=closing_seconds(settings),
     )
+
+
+def closing_seconds(settings: Settings) -> int:
+    """How long the listener may stay closed before what is left is cut: a request whose first bytes arrived just
+    before has its whole deadline to arrive, then its answer takes milliseconds."""
+    return math.ceil(settings.request_timeout) + 2
+
+
+def stop_bound(settings: Settings) -> float:
+    """Seconds from SIGTERM to the exit of every process, at most (the Helm chart's grace period exceeds it)."""
+    return settings.drain_seconds + closing_seconds(settings) + 1
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with the drain window between the signal and the shutdown (module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.drain_seconds = drain_seconds
+        self.drain_ends: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_ends is not None:
+            # Repeated (a process group signalled, then the supervisor forwarding it): not a reason to hurry,
+            # except a second Ctrl+C. uvicorn would force the exit and drop what is in flight.
+            if sig == signal.SIGINT:
+                self.drain_ends = time.monotonic()
+            return
+        self.drain_ends = time.monotonic() + self.drain_seconds
+        app = self.config.loaded_app if self.config.loaded else None
+        if isinstance(app, TangApplication):
+            app.draining = True
+        logger.info("%s: not ready, closing the listener in %gs", signal.Signals(sig).name, self.drain_seconds)
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        stop = await super().on_tick(counter)
+        if stop and self.drain_ends is not None and time.monotonic() < self.drain_ends:
+            return False  # draining: keep accepting
+        return stop
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        connections = list(self.server_state.connections)
+        answering = sum(1 for c in connections if isinstance(c, TangHttpProtocol) and c.answering())
+        logger.info("closing the listener: %d connections answering, %d idle", answering, len(connections) - answering)
+        began = time.monotonic()
+        await super().shutdown(sockets)
+        left = len(self.server_state.connections)
+        logger.info("closed: answered what was received in %.2fs; %d connections cut", time.monotonic() - began, left)
 
 
 def prepare_metrics_directory(directory: Path) -> None:
@@ -105,21 +173,102 @@ def serve(settings: Settings) -> None:
     prepare_metrics_directory(metrics_dir)
     os.environ[MULTIPROCESS_ENVIRONMENT] = str(metrics_dir)
     os.environ[ENVIRONMENT_VARIABLE] = settings.to_environment()
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the previous handler: make that an exit
-    # with status 0, as service managers and `tangd` users expect from a clean stop.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
+    _exit_cleanly_on_signals()
     config = uvicorn_config(settings)
-    server = uvicorn.Server(config)
     if settings.workers > 1:
-        from uvicorn.supervisors import Multiprocess
-
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        Workers(config, [config.bind_socket()], settings).run()
     else:
-        server.run()
+        DrainingServer(config, settings.drain_seconds).run()
+
+
+def _exit_cleanly_on_signals() -> None:
+    # uvicorn stops gracefully on SIGTERM or SIGINT, then re-raises the signal to the previous handler: make that
+    # an exit with status 0, as service managers and `tangd` users expect from a clean stop.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    signal.signal(signal.SIGINT, _exit_cleanly)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
+
+class Workers:
+    """`config.workers` processes serving the same listening sockets, each a `DrainingServer`.
+
+    uvicorn's `Multiprocess` reduced to what we use, since its workers run uvicorn's own `Server`, which does not
+    drain. SIGTERM and SIGINT are forwarded to the workers at once (readiness must fail at once); a worker that
+    dies while serving is replaced. Once the workers are told to stop, this process closes its own copy of the
+    sockets, so that the listener really closes when the last worker closes its copy (else the kernel would keep
+    completing connections that nobody accepts).
+    """
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], settings: Settings) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.drain_seconds = settings.drain_seconds
+        self.bound = stop_bound(settings)
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self.stopping = False
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._signalled)
+        self.processes = [self._spawn() for _ in range(self.config.workers)]
+        while not self.stopping:
+            time.sleep(0.5)
+            for index, process in enumerate(self.processes):
+                if process.exitcode is None or self.stopping:
+                    continue
+                if process.exitcode == STARTUP_FAILURE:
+                    logger.error("worker %s failed to start; stopping", process.pid)
+                    self._signalled(signal.SIGTERM, None)
+                    break
+                logger.error("worker %s died (exit %s); starting another", process.pid, process.exitcode)
+                self.processes[index] = self._spawn()
+        self._forward(signal.SIGTERM)  # again, for a worker started as the signal came
+        for sock in self.sockets:
+            sock.close()
+        deadline = time.monotonic() + self.bound
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                logger.error("worker %s still running %gs after the signal: killed", process.pid, self.bound)
+                process.kill()
+                process.join()
+
+    def _signalled(self, sig: int, frame: FrameType | None) -> None:
+        if not self.stopping:
+            logger.info("%s: stopping %d workers", signal.Signals(sig).name, len(self.processes))
+        repeated, self.stopping = self.stopping, True
+        self._forward(signal.SIGINT if repeated and sig == signal.SIGINT else signal.SIGTERM)
+
+    def _forward(self, sig: int) -> None:
+        for process in list(self.processes):
+            if process.pid is not None and process.exitcode is None:
+                os.kill(process.pid, sig)
+
+    def _spawn(self) -> multiprocessing.process.BaseProcess:
+        process = _SPAWN.Process(
+            target=_serve_worker, args=(self.config, self.sockets, self.drain_seconds, os.getpid()), daemon=False
+        )
+        process.start()
+        return process
+
+
+_SPAWN = multiprocessing.get_context("spawn")
+_PR_SET_PDEATHSIG = 1
+
+
+def _serve_worker(config: uvicorn.Config, sockets: list[socket.socket], drain_seconds: float, parent: int) -> None:
+    """A worker process: drain when the supervisor says so, or when it dies (SIGKILL gives it no chance to)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        return  # the supervisor died before the line above: nobody to serve for
+    config.configure_logging()
+    _exit_cleanly_on_signals()
+    DrainingServer(config, drain_seconds).run(sockets)
 
 
 def serve_connection(settings: Settings) -> None:
