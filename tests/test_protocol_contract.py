@@ -1,0 +1,302 @@
+"""Our protocol subclass in-process against a fake transport, as uvicorn tests its own (tests/protocols/test_http.py).
+
+`protocol.py` extends uvicorn's `HttpToolsProtocol` and `server.py` extends `uvicorn.Server`; neither is a
+documented API. These tests pin what we rely on (inherited attributes, the order of the parser callbacks, how a
+cycle ends, what the server calls at shutdown) so that a uvicorn upgrade that changes any of it fails here, loudly,
+rather than in production. Written against uvicorn 0.54.0 and httptools 0.9.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.server import ServerState
+
+from tang_server.app import TangApplication
+from tang_server.keystore import KeyStore
+from tang_server.protocol import TangHttpProtocol
+from tang_server.server import DrainingServer
+from tang_server.settings import Settings
+
+ADV = b"GET /adv HTTP/1.1\r\nHost: t\r\n\r\n"
+ADV_GENERAL = b"GET /adv HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n\r\n"  # the same, on the ASGI path
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+class MockTransport:
+    """What uvicorn's own protocol tests use: records writes, closing and reading pauses."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.writes = 0
+        self.closed = False
+        self.read_paused = False
+
+    def get_extra_info(self, key: str) -> Any:
+        return {"sockname": ("127.0.0.1", 7500), "peername": ("127.0.0.1", 40000)}.get(key)
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.buffer += data
+        self.writes += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.read_paused = True
+
+    def resume_reading(self) -> None:
+        self.read_paused = False
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data, self.buffer = self.buffer, b""
+        return data
+
+
+@pytest.fixture
+def app(keys: Path) -> Iterator[TangApplication]:
+    store = KeyStore(keys, auto_keygen=False)
+    yield TangApplication(store, Settings(keys_dir=keys))
+    store.close()
+
+
+def run(
+    test: Callable[[TangHttpProtocol, MockTransport], Awaitable[None]],
+    app: TangApplication,
+    protocol_class: type[TangHttpProtocol] = TangHttpProtocol,
+) -> None:
+    async def main() -> None:
+        config = uvicorn.Config(app, http=protocol_class, lifespan="off", server_header=False, log_config=None,
+                                proxy_headers=False)  # fmt: skip  # as server.py: the app itself, unwrapped
+        config.load()
+        protocol = protocol_class(config=config, server_state=ServerState(), app_state={})
+        transport = MockTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        try:
+            await test(protocol, transport)
+        finally:
+            protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until `condition` (a bound against a hang, not a timing assertion)."""
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+def statuses(data: bytes) -> list[bytes]:
+    return re.findall(rb"HTTP/1\.1 (\d{3}) ", data)
+
+
+def test_inherited_state_we_rely_on(app: TangApplication) -> None:
+    """The attributes protocol.py reads or writes on uvicorn's protocol, with the types it expects."""
+
+    async def test(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        assert protocol.transport is transport  # type: ignore[comparison-overlap]
+        assert isinstance(protocol.flow, FlowControl)
+        assert isinstance(protocol.pipeline, deque) and not protocol.pipeline
+        assert protocol.cycle is None and protocol.app is app
+        assert protocol in protocol.connections and isinstance(protocol.tasks, set)
+        assert protocol.connections is protocol.server_state.connections
+        assert protocol.limit_concurrency is None and protocol.client == ("127.0.0.1", 40000)
+        assert isinstance(protocol.loop, asyncio.AbstractEventLoop)
+        assert isinstance(protocol.server_state.default_headers, list)
+        protocol.data_received(b"POST /rec/x HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        assert protocol.url == b"/rec/x"
+        assert protocol.headers == [(b"content-length", b"2"), (b"expect", b"100-continue")]
+        assert protocol.expect_100_continue is True
+        assert protocol.scope["extensions"]["tang.raw_target"] == b"/rec/x"
+        assert isinstance(protocol.cycle, RequestResponseCycle) and protocol.tasks  # the general path's task
+        assert protocol.cycle.keep_alive is True and protocol.cycle.response_complete is False
+        assert protocol.parser.get_method() == b"POST" and protocol.parser.should_keep_alive()
+        assert STATUS_LINE[200] == b"HTTP/1.1 200 OK\r\n"
+        protocol.data_received(b"{}")
+        await until(lambda: protocol.cycle.response_complete)
+
+    run(test, app)
+
+
+def test_parser_callback_order(app: TangApplication) -> None:
+    """httptools calls the protocol back in this order, per request, within one `data_received`."""
+    calls: list[str] = []
+    names = ("on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body", "on_message_complete")
+
+    class Recording(TangHttpProtocol):
+        pass
+
+    for name in names:
+
+        def recorder(self: Any, *args: Any, _name: str = name) -> None:
+            calls.append(_name)
+            getattr(TangHttpProtocol, _name)(self, *args)
+
+        setattr(Recording, name, recorder)
+
+    async def test(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        protocol.data_received(b"POST /rec/x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}" + ADV)
+        await until(lambda: len(statuses(transport.buffer)) == 2)
+
+    run(test, app, Recording)
+    first = ["on_message_begin", "on_url", "on_header", "on_header", "on_headers_complete", "on_body"]
+    assert calls == [*first, "on_message_complete", "on_message_begin", "on_url", "on_header",
+                     "on_headers_complete", "on_message_complete"]  # fmt: skip
+
+
+def test_direct_answer_is_one_write_and_the_bytes_of_the_general_path(app: TangApplication) -> None:
+    async def test(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        protocol.data_received(ADV)
+        assert protocol.cycle is None, "no ASGI cycle for a direct request"
+        await until(lambda: bool(transport.buffer))
+        direct, writes = transport.take(), transport.writes
+        protocol.data_received(ADV_GENERAL)
+        await until(lambda: protocol.cycle is not None and protocol.cycle.response_complete)
+        general = transport.take()
+        assert writes == 1
+        assert direct == general.replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"")
+
+    run(test, app)
+
+
+def test_pipelined_answers_in_order_and_reading_resumes(app: TangApplication) -> None:
+    """uvicorn queues a request behind a running cycle in `pipeline` and pauses reading; `on_response_complete`
+    starts the next one and resumes reading."""
+
+    async def test(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        protocol.data_received(HEALTH + HEALTH + ADV)  # /adv behind a general request takes the general path
+        assert len(protocol.pipeline) == 2 and transport.read_paused
+        await until(lambda: len(statuses(transport.buffer)) == 3)
+        data = transport.take()
+        assert data.index(b"application/json") < data.rindex(b"application/json") < data.index(b"jose+json")
+        assert not transport.read_paused and not transport.closed
+
+    run(test, app)
+
+
+def test_uvicorn_shutdown_drops_a_direct_request_ours_answers_it(app: TangApplication) -> None:
+    """uvicorn's `shutdown()` closes a connection without a running cycle: a parsed direct request would be lost.
+    Ours answers it (`Connection: close`), then closes."""
+
+    async def theirs(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        protocol.data_received(ADV)
+        HttpToolsProtocol.shutdown(protocol)
+        await asyncio.sleep(0.01)
+        assert transport.closed and transport.buffer == b""
+
+    async def ours(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        protocol.data_received(ADV)
+        protocol.shutdown()
+        assert not transport.closed
+        await until(lambda: transport.closed)
+        data = transport.take()
+        assert statuses(data) == [b"200"] and b"connection: close\r\n" in data
+
+    run(theirs, app)
+    run(ours, app)
+
+
+def test_shutdown_answers_every_pipelined_request_then_closes(app: TangApplication) -> None:
+    async def test(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        protocol.data_received(ADV + HEALTH + ADV + ADV)
+        protocol.shutdown()
+        await until(lambda: transport.closed)
+        assert statuses(transport.take()) == [b"200"] * 4
+
+    run(test, app)
+
+
+def test_shutdown_of_a_general_cycle_says_connection_close(app: TangApplication) -> None:
+    """uvicorn writes `connection: close` and closes after the answer when the cycle's `keep_alive` is False."""
+
+    async def test(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        protocol.data_received(HEALTH)
+        assert protocol.cycle is not None and not protocol.cycle.response_complete
+        protocol.shutdown()
+        assert protocol.cycle.keep_alive is False
+        await until(lambda: transport.closed)
+        data = transport.take()
+        assert statuses(data) == [b"200"] and b"connection: close\r\n" in data
+
+    run(test, app)
+
+
+def test_shutdown_closes_an_idle_connection_and_waits_for_a_partial_request(app: TangApplication) -> None:
+    async def idle(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        protocol.data_received(ADV)
+        await until(lambda: bool(transport.buffer))
+        protocol.shutdown()
+        assert transport.closed
+
+    async def partial(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        protocol.data_received(ADV[:10])
+        protocol.shutdown()
+        await asyncio.sleep(0.01)
+        assert not transport.closed
+        protocol.data_received(ADV[10:])
+        await until(lambda: transport.closed)
+        assert statuses(transport.take()) == [b"200"]
+
+    run(idle, app)
+    run(partial, app)
+
+
+def test_draining_direct_answers_close_only_the_last(app: TangApplication) -> None:
+    async def test(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        app.draining = True
+        protocol.data_received(ADV + ADV)
+        await until(lambda: transport.closed)
+        data = transport.take()
+        assert statuses(data) == [b"200", b"200"] and data.count(b"connection: close\r\n") == 1
+
+    run(test, app)
+
+
+def test_server_internals_the_drain_relies_on(app: TangApplication, keys: Path) -> None:
+    """`DrainingServer` extends `handle_exit`, `on_tick` and `shutdown`; uvicorn's `shutdown` calls each
+    connection's `shutdown()` and waits `timeout_graceful_shutdown` for them to close."""
+    config = uvicorn.Config(app, http=TangHttpProtocol, lifespan="off", log_config=None, proxy_headers=False,
+                            timeout_graceful_shutdown=3)  # fmt: skip
+    config.load()
+    server = DrainingServer(config, drain_seconds=60)
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit and app.draining and server._captured_signals == [signal.SIGTERM]
+    server.handle_exit(signal.SIGTERM, None)  # repeated: no force_exit, the drain window unchanged
+    assert not server.force_exit and server._captured_signals == [signal.SIGTERM]
+
+    async def main() -> None:
+        assert await server.on_tick(0) is False  # still draining
+        server.drain_ends = 0.0
+        assert await server.on_tick(1) is True
+        shut: list[bool] = []
+
+        class Connection:
+            def shutdown(self) -> None:
+                shut.append(True)
+                server.server_state.connections.discard(self)
+
+        server.servers = []
+        server.lifespan = config.lifespan_class(config)
+        server.server_state.connections.add(Connection())  # type: ignore[arg-type]
+        await server.shutdown()
+        assert shut == [True]
+
+    asyncio.run(main())
