@@ -47,7 +47,7 @@ def test_exchange_of_generator_is_public_key(server: int) -> None:
 
 def test_order_constant_is_the_curve_order() -> None:
     ec.derive_private_key(ORDER - 1, ec.SECP521R1())
-    with pytest.raises(ValueError):  # the message differs between cryptography releases
+    with pytest.raises(ValueError, match=r"Invalid EC key|point is at infinity"):  # the text varies by release
         ec.derive_private_key(ORDER, ec.SECP521R1())
 
 
