@@ -68,7 +68,8 @@ def serving(keys: Path, port: int, log: Path, *extra: str, workers: int = 1) -> 
     """Our server on a given port (so that a restart keeps the URL the volumes are bound to); once stopped, its log
     is checked for the private part of every key it may have seen."""
     secrets = private_members(keys)
-    with running(serve_command(keys, port, *extra, workers=workers), port, log) as server:
+    command = serve_command(keys, port, "--drain-seconds", "0", *extra, workers=workers)  # stop at once
+    with running(command, port, log) as server:
         yield server
         secrets |= private_members(keys)
     assert_no_secrets(log.read_text(errors="replace"), secrets)
