@@ -1,20 +1,14 @@
-"""Rotation: the single-host `rotate`, the two phases for replicas, deleting hidden keys, and crash safety."""
+"""Rotation: the single-host `rotate`, the two phases for replicas, deleting hidden keys (crash safety: see
+`test_crash_safety.py`)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import random
-import shutil
-import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from tang_server import keyfiles
 from tang_server.keyset import KeyKind, load_keyset, scan_directory
@@ -68,99 +62,6 @@ def test_delete_all_keeps_a_staged_pair(keys: Path) -> None:
     removed = keyfiles.delete_hidden(keys, None)
     assert len(removed) == 2
     assert len(keyfiles.staged_names(keys)) == 2
-
-
-class Crash(Exception):
-    """Stands for the process being killed just before a file operation."""
-
-
-FILE_OPERATIONS = ("open", "write", "fsync", "link", "unlink", "rename", "fchmod")
-
-
-def _crash_at(monkeypatch: pytest.MonkeyPatch, limit: int) -> list[int]:
-    """Make the limit-th file operation (0-based) raise Crash before it runs; returns the call counter."""
-    calls = [0]
-    for name in FILE_OPERATIONS:
-        real = getattr(os, name)
-
-        def wrapper(*args: object, _real: Callable[..., object] = real, **kwargs: object) -> object:
-            if calls[0] == limit:
-                raise Crash
-            calls[0] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(os, name, wrapper)
-    return calls
-
-
-def _check_intact(before: dict[str, bytes], directory: Path) -> None:
-    """Every key that was there is still there byte for byte (perhaps hidden); every key file is whole; a
-    visible signing and exchange key exist (so /adv never fails and no replica would generate keys)."""
-    after = _files(directory)
-    for name, content in before.items():
-        bare = name.lstrip(".").removeprefix("staged.")
-        assert content in (after.get(bare), after.get(f".{bare}"), after.get(name)), name
-    for content in after.values():
-        json.loads(content)  # never a half-written key
-    keyset = load_keyset(directory)
-    kinds = {key.kind for key in keyset.visible}
-    assert kinds == {KeyKind.SIGNING, KeyKind.EXCHANGE}
-    assert len(keyset.keys) == len(after)
-
-
-@pytest.mark.parametrize("operation", ["rotate", "promote"])
-def test_crash_at_every_file_operation(keys: Path, tmp_path: Path, operation: str) -> None:
-    if operation == "promote":
-        keyfiles.stage(keys)
-    before = _files(keys)
-    limit = 0
-    while True:
-        directory = tmp_path / f"run{limit}"
-        shutil.copytree(keys, directory)
-        with pytest.MonkeyPatch.context() as patch:
-            calls = _crash_at(patch, limit)
-            try:
-                getattr(keyfiles, operation)(directory)
-                finished = True
-            except Crash:
-                finished = False
-        _check_intact(before, directory)
-        if finished:
-            break
-        # Running the operation again after the crash completes it (or says there is nothing left to do, when
-        # the crash came after the last step; the end state is checked either way).
-        with contextlib.suppress(keyfiles.RotationError):
-            getattr(keyfiles, operation)(directory)
-        _check_intact(before, directory)
-        _check_rotated(before, directory, operation)
-        limit += 1
-    assert limit > 10  # the crash really was injected at many points
-    assert calls[0] == limit  # the final run performed exactly that many operations
-    _check_rotated(before, directory, operation)
-
-
-def _check_rotated(before: dict[str, bytes], directory: Path, operation: str) -> None:
-    """The end state: every previously visible key hidden; for promote, exactly the staged pair visible."""
-    keyset = load_keyset(directory)
-    hidden = {key.name for key in keyset.hidden}
-    assert {f".{name}" for name in before if not name.startswith(".")} <= hidden
-    if operation == "promote":
-        staged = {name.removeprefix(".staged.") for name in before if name.startswith(".staged.")}
-        assert {key.name for key in keyset.visible} == staged
-        assert not (directory / keyfiles.PROMOTION_JOURNAL).exists()
-
-
-def test_kill_9_during_rotate(keys: Path, tmp_path: Path) -> None:
-    rng = random.Random(7)  # noqa: S311 - reproducible kill times, not cryptography
-    for attempt in range(12):
-        directory = tmp_path / f"run{attempt}"
-        shutil.copytree(keys, directory)
-        before = _files(directory)
-        process = subprocess.Popen([TANG_SERVER, "rotate", str(directory)], stdout=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.05, 0.6))  # interpreter start-up is most of it; some land mid-rotation
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        _check_intact(before, directory)
 
 
 def test_rotate_under_load_has_no_failed_request(keys: Path, tmp_path: Path) -> None:

@@ -282,7 +282,7 @@ class TangApplication:
     async def ready(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
         """Readiness: a key set that can serve clients (a visible signing and exchange key) is loaded, and the
         process is not draining (stopping: load balancers must send new requests elsewhere)."""
-        keyset = await self.store.current()
+        keyset = await self.store.current(generate=False)  # a probe never generates keys; only Tang requests do
         ready = keyset.ready and not self.draining
         body = {
             "ready": ready,
@@ -308,7 +308,7 @@ class TangApplication:
 
     async def status(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
         """What this worker serves, for fleet tooling: public information only (thumbprints, never keys)."""
-        keyset = await self.store.current()
+        keyset = await self.store.current(generate=False)
         body = {
             "digest": keyset.digest,
             "ready": keyset.ready,

@@ -12,6 +12,11 @@ that changes the directory (create, rename, unlink, close after writing, the kub
 
 A periodic re-check catches what inotify cannot see (writers on other hosts of a network file system) and
 re-arms the watch when the directory itself was removed and comes back.
+
+Reading never writes. Like the reference, a pair is generated (when `auto_keygen`) only because a Tang request
+found no visible key, never because the directory changed: an operator who hides every key and then runs
+`tangd-keygen` must end with exactly the pair they made. The request's own thread generates it under the
+directory lock, and the request is answered from the set that holds it.
 """
 
 from __future__ import annotations
@@ -86,6 +91,10 @@ class KeyStore:
         self.failure: str | None = None
         #: time.time() of the last successful load (None before the first).
         self.loaded_at: float | None = None
+        #: True while a Tang request must generate a pair before it is answered (auto_keygen, and no visible key
+        #: or an interrupted generation).
+        self._needs_pair = False
+        self._keygen_failure: str | None = None
         with self._lock:
             self._reload_locked()
         self._stopping = threading.Event()
@@ -97,24 +106,33 @@ class KeyStore:
         """The set swapped in last; use `current()` to answer a request."""
         return self._keyset
 
-    def is_fresh(self) -> bool:
-        """True when no change to the directory is waiting to be applied. The order of the checks matters.
+    def is_fresh(self, *, generate: bool = True) -> bool:
+        """True when no change to the directory is waiting to be applied and, for a Tang request (`generate`), no
+        pair is to be generated first. The order of the checks matters.
 
         Called from the event loop's thread only.
         """
-        return self._watch is not None and not self._loop_poll.poll(0) and not self._lock.locked()
+        fresh = self._watch is not None and not self._loop_poll.poll(0) and not self._lock.locked()
+        return fresh and not (generate and self._needs_pair)
 
-    async def current(self) -> KeySet:
-        """The key set including every change completed before this call."""
-        if not self.is_fresh():
-            await asyncio.to_thread(self.refresh)
+    async def current(self, *, generate: bool = True) -> KeySet:
+        """The key set including every change completed before this call.
+
+        `generate`: the caller answers a Tang request (/adv, /adv/{thp}, /rec), which generates a pair first
+        when none is visible; health and status endpoints pass False and never write.
+        """
+        if not self.is_fresh(generate=generate):
+            await asyncio.to_thread(self.refresh, generate=generate)
         return self._keyset
 
-    def refresh(self) -> None:
-        """Apply pending changes now (waits for a rebuild already under way)."""
+    def refresh(self, *, generate: bool = True) -> None:
+        """Apply pending changes now (waits for a rebuild already under way); then, for a Tang request
+        (`generate`), generate a pair if no key is visible."""
         with self._lock:
             if self._watch is None or self._locked_poll.poll(0):
                 self._reload_locked()
+            if generate and self._needs_pair:
+                self._generate_locked()
 
     def close(self) -> None:
         self._stopping.set()
@@ -158,12 +176,10 @@ class KeyStore:
         if self._watch is None:
             self._add_watch()
         try:
-            if self.auto_keygen:
-                for path in keyfiles.ensure_keys(self.directory):
-                    logger.info("generated key %s", path.name)
             keyset = load_keyset(self.directory, previous=self._keyset)
         except OSError as exc:
             self._report_failure(f"cannot read key directory {self.directory}: {exc.strerror or exc}")
+            self._needs_pair = False  # never write into a directory that cannot be read
             return
         if self.failure is not None:
             logger.info("key directory %s readable again", self.directory)
@@ -174,9 +190,27 @@ class KeyStore:
             for problem in keyset.problems:
                 logger.warning("key directory %s: %s", self.directory, problem)
         self._keyset = keyset
+        # An interrupted generation may have left one key visible: the next request finishes its pair.
+        self._needs_pair = self.auto_keygen and (not keyset.visible or keyfiles.generation_pending(self.directory))
         self.loaded_at = time.time()
         if self.listener is not None:
             self.listener.keyset_loaded(keyset)
+
+    def _generate_locked(self) -> None:
+        """A request found no visible key: write a pair (unless another worker did first), then load it."""
+        try:
+            for path in keyfiles.generate_if_needed(self.directory):
+                logger.info("generated key %s", path.name)
+        except (OSError, keyfiles.RotationError) as exc:
+            reason = f"cannot generate keys in {self.directory}: {getattr(exc, 'strerror', None) or exc}"
+            if reason != self._keygen_failure:  # once per failure, not once per request
+                logger.error("%s", reason)
+                self._keygen_failure = reason
+            if self._watch is not None and not self._locked_poll.poll(0):
+                return  # nothing changed: no rebuild
+        else:
+            self._keygen_failure = None
+        self._reload_locked()  # our pair, or (when we wrote nothing) the visible keys another worker wrote
 
     def _report_failure(self, reason: str) -> None:
         if self.listener is not None:
