@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,74 @@ def test_kubelet_window_with_dangling_links_keeps_the_keys(tmp_path: Path) -> No
     during = load_keyset(volume.path, previous=before)
     assert during.digest == before.digest  # nothing lost in the window
     assert load_keyset(volume.path).keys == ()  # (without a previous set there is nothing to keep)
+
+
+def _hide_everything(keys: Path) -> set[str]:
+    names = {path.name for path in keys.iterdir() if path.name.endswith(".jwk")}
+    for name in names:
+        os.rename(keys / name, keys / f".{name}")
+    return {f".{name}" for name in names}
+
+
+def _lock_waiters(directory: Path) -> set[int]:
+    """Processes waiting for a flock on `directory` (the `->` lines of /proc/locks)."""
+    inode = f":{directory.stat().st_ino} "
+    waiting = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "->" and fields[2] == "FLOCK" and inode in line:
+            waiting.add(int(fields[5]))
+    return waiting
+
+
+def test_a_request_finding_no_visible_key_generates_one_pair(keys: Path, tmp_path: Path) -> None:
+    """As the reference: the request generates the pair and is answered from it. Both workers are made to decide
+    to generate at once (the test holds the directory lock until each waits for it); one pair is written."""
+    with our_server(keys, tmp_path / "log", "--drain-seconds", "0", workers=2) as server:
+        hidden = _hide_everything(keys)
+        answers: list[Future[set[str]]] = []
+        # The lock is released first, then the pool waits for every request (many threads: requests held by one
+        # worker must not starve the other).
+        with ThreadPoolExecutor(64) as pool, keyfiles.directory_lock(keys):
+            deadline = time.monotonic() + 20
+            while len(_lock_waiters(keys)) < 2:  # new connections until each worker has one waiting
+                assert time.monotonic() < deadline, "both workers never waited to generate"
+                answers.append(pool.submit(_advertised, server.port))
+                time.sleep(0.02)
+        # every request has been answered (the pool is shut down)
+        names = {path.name for path in keys.iterdir()}
+        new = names - hidden
+        assert len(new) == 2 and not any(name.startswith(".") for name in new), names
+        pair = {thumbprint(json.loads((keys / name).read_text())) for name in new}
+        assert all(answer.result() == pair for answer in answers)  # each answered 200 from the new pair
+        assert server.log_text().count("generated key") == 2
+
+
+@pytest.mark.parametrize("option", ["--no-auto-keygen", "--fleet"])
+def test_without_key_generation_a_request_writes_nothing(keys: Path, tmp_path: Path, option: str) -> None:
+    with our_server(keys, tmp_path / "log", option, "--drain-seconds", "0") as server:
+        hidden = _hide_everything(keys)
+        assert request(server.port, "GET", "/adv").status == 500
+        _, exchange = load_keys(keys)
+        assert _rec(server.port, thumbprint(exchange)) == 200  # hidden keys still answer
+        assert {path.name for path in keys.iterdir()} == hidden
+
+
+def test_the_watcher_and_the_probes_never_generate(keys: Path, tmp_path: Path) -> None:
+    """The directory changing (every key hidden) is loaded, by the watcher and the periodic re-check, and shown by
+    /readyz and /status, without a key being written: only a Tang request generates."""
+    with our_server(keys, tmp_path / "log", "--recheck-seconds", "0.2", "--drain-seconds", "0") as server:
+        hidden = _hide_everything(keys)
+        deadline = time.monotonic() + 10
+        while request(server.port, "GET", "/readyz").status != 503:  # the hidden keys are loaded
+            assert time.monotonic() < deadline, "the change was never loaded, or a pair was generated"
+            time.sleep(0.05)
+        status = json.loads(request(server.port, "GET", "/status").body)
+        assert status["visible"] == [] and len(status["hidden"]) == 2
+        loaded_at = status["loaded_at"]
+        while json.loads(request(server.port, "GET", "/status").body)["loaded_at"] == loaded_at:
+            assert time.monotonic() < deadline + 10, "the watcher never reloaded"
+            (keys / "unrelated.txt").write_text(str(time.monotonic()))  # an event: the watcher reloads
+            time.sleep(0.05)
+        assert {path.name for path in keys.iterdir() if path.name.endswith(".jwk")} == hidden
+        assert len(_advertised(server.port)) == 2  # the first Tang request generates
