@@ -361,27 +361,28 @@ def test_the_harness_catches_a_planted_mistake(mistake: str, tmp_path: Path) -> 
 
 
 def test_another_command_pending_is_named_and_finishing_it_unblocks(tmp_path: Path) -> None:
-    """Killed half way through `rotate --stage`: other key commands refuse and name it; running it finishes it."""
-    base = tmp_path / "run"
-    case = _prepare("stage", base / "keys")
+    """Killed just after the first staged key is linked: the lone `.staged.` key of issue 12, now with its journal.
+    Other key commands refuse and name the command to run; running it finishes the same pair."""
+    template, probe, base = tmp_path / "template", tmp_path / "probe", tmp_path / "run"
+    case = _prepare("stage", template / "keys")
+    before = _key_files(template / "keys")
+    shutil.copytree(template, probe)
+    steps = crashpoint.run(_planted(case.run, probe / "keys", None), probe, None).steps
+    journal = next(int(s.split()[0]) for s in steps if s.split()[1] == "link" and s.endswith(keyfiles.JOURNAL))
+    first_key = next(int(s.split()[0]) for s in steps[journal + 1 :] if s.split()[1] == "link")
+    shutil.copytree(template, base)
     keys = base / "keys"
-    before = _key_files(keys)
-    steps = crashpoint.run(_planted(case.run, keys, None), base, None)
-    assert steps.status == "completed"
-    shutil.rmtree(base)
-    case = _prepare("stage", keys)
-    before = _key_files(keys)
-    middle = next(int(s.split()[0]) for s in steps.steps if ".staged." in s and s.split()[1] == "link")
-    outcome = crashpoint.run(_planted(case.run, keys, None), base, middle + 1, "kill")
-    assert outcome.status == "killed"
-    assert len(keyfiles.staged_names(keys)) == 1  # the lone staged key of issue 12, now with its journal
+    assert crashpoint.run(_planted(case.run, keys, None), base, first_key + 1, "kill").status == "killed"
+    assert len(keyfiles.staged_names(keys)) == 1
     named = f"`tang-server rotate --stage {keys}`"
     for words in (["rotate", "--promote"], ["delete-hidden", "--all"], ["keygen"], ["rotate"]):
         result = _tang_server(*words, str(keys))
         assert result.returncode == 1 and named in result.stderr, (words, result.stderr)
+        assert "Traceback" not in result.stderr
+    planned = _planned(keyfiles.pending_plan(keys))  # type: ignore[arg-type]
     finished = _tang_server("rotate", "--stage", str(keys))
     assert finished.returncode == 0 and "finishing the interrupted" in finished.stderr
-    check_final(case, before, keys)
+    check_final(case, before, keys, planned)
     assert _tang_server("rotate", "--promote", str(keys)).returncode == 0
 
 

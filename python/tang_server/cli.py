@@ -307,7 +307,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
     elif args.command == "keygen":
-        for path in keyfiles.generate_keys(args.directory):
+        try:
+            written = keyfiles.generate_keys(args.directory)
+        except keyfiles.RotationError as exc:
+            print(f"tang-server keygen: {exc}", file=sys.stderr)
+            return 1
+        for path in written:
             print(path)
     elif args.command == "rotate":
         try:
