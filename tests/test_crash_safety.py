@@ -414,8 +414,8 @@ def test_reading_the_directory_writes_nothing(tmp_path: Path) -> None:
     def reload_only() -> int:
         store = KeyStore(keys, auto_keygen=True, recheck_seconds=3600)
         store.refresh(generate=False)
-        store._recheck_locked()
-        with store._lock:
+        with store._lock:  # what the watcher does: the periodic re-check, and a reload on events
+            store._recheck_locked()
             store._reload_locked()
         return 0 if not store.keyset.visible else 1
 
