@@ -65,10 +65,11 @@ $(DEV_STAMP): $(RUNTIME_STAMP) requirements/dev.lock
 	$(PIP_INSTALL) --require-hashes -r requirements/dev.lock
 	touch $@
 
-# --no-deps: the dependencies come from the lock only; --no-build-isolation: the locked maturin builds, and cargo
-# reuses ./target, so a change to one Rust file recompiles that crate, not the environment.
+# --no-deps: the dependencies come from the lock only; --no-build-isolation: the locked maturin builds (its build
+# hook runs `maturin` from PATH, hence the venv first), and cargo reuses ./target, so a change to one Rust file
+# recompiles that crate, not the environment.
 $(STAMP): $(RUNTIME_STAMP) $(SOURCES)
-	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
+	PATH="$(abspath $(BIN)):$$PATH" $(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	touch $@
 
 run: $(STAMP)
@@ -93,7 +94,8 @@ $(FLOOR_VENV)/.installed: requirements/floor.lock $(SOURCES) | prerequisites
 	$(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements/floor.lock
 	$(FLOOR_VENV)/bin/pip check
-	$(FLOOR_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	PATH="$(abspath $(FLOOR_VENV))/bin:$$PATH" $(FLOOR_VENV)/bin/pip install --quiet --disable-pip-version-check \
+		--no-deps --no-build-isolation -e .
 	touch $@
 
 floor-test: $(FLOOR_VENV)/.installed debian-packages
