@@ -134,6 +134,12 @@ class KeyStore:
             if generate and self._needs_pair:
                 self._generate_locked()
 
+    def recheck(self) -> None:
+        """Re-read the directory now if its files differ from what the served set was built from, whatever
+        inotify said (SIGHUP: `systemctl reload`, for changes no event reports)."""
+        with self._lock:
+            self._recheck_locked()
+
     def close(self) -> None:
         self._stopping.set()
         self._watcher.join(timeout=5)

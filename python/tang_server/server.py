@@ -20,6 +20,7 @@ import logging
 import logging.config
 import math
 import multiprocessing
+import multiprocessing.queues
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,7 +39,7 @@ import uvloop
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.server import ServerState
 
-from . import keyfiles
+from . import keyfiles, systemd
 from .accesslog import AccessLog
 from .app import TangApplication
 from .keystore import KeyStore
@@ -116,12 +118,39 @@ def stop_bound(settings: Settings) -> float:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server with the drain window between the signal and the shutdown (module docstring)."""
+    """uvicorn's server with the drain window between the signal and the shutdown (module docstring).
 
-    def __init__(self, config: uvicorn.Config, drain_seconds: float) -> None:
+    `on_ready` is called with the served key-set digest once the server listens with its keys loaded (the
+    service manager's READY=1, or the supervisor's count of ready workers); `notifier` is told when it stops.
+    SIGHUP re-reads the key directory (`systemctl reload`), for changes no inotify event reports.
+    """
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        drain_seconds: float,
+        *,
+        on_ready: Callable[[str], None] | None = None,
+        notifier: systemd.Notifier | None = None,
+    ) -> None:
         super().__init__(config)
         self.drain_seconds = drain_seconds
         self.drain_ends: float | None = None
+        self.on_ready = on_ready
+        self.notifier = notifier
+
+    def _application(self) -> TangApplication | None:
+        app = self.config.loaded_app if self.config.loaded else None
+        return app if isinstance(app, TangApplication) else None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        app = self._application()
+        if not self.started or app is None:
+            return
+        signal.signal(signal.SIGHUP, lambda sig, frame: _recheck_in_background(app.store))
+        if self.on_ready is not None:
+            self.on_ready(app.store.keyset.digest)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain_ends is not None:
@@ -131,8 +160,10 @@ class DrainingServer(uvicorn.Server):
                 self.drain_ends = time.monotonic()
             return
         self.drain_ends = time.monotonic() + self.drain_seconds
-        app = self.config.loaded_app if self.config.loaded else None
-        if isinstance(app, TangApplication):
+        if self.notifier is not None:
+            self.notifier.stopping()
+        app = self._application()
+        if app is not None:
             app.draining = True
         logger.info("%s: not ready, closing the listener in %gs", signal.Signals(sig).name, self.drain_seconds)
         super().handle_exit(sig, frame)
@@ -151,6 +182,11 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
         left = len(self.server_state.connections)
         logger.info("closed: answered what was received in %.2fs; %d connections cut", time.monotonic() - began, left)
+
+
+def _recheck_in_background(store: KeyStore) -> None:
+    logger.info("SIGHUP: re-reading the key directory")
+    threading.Thread(target=store.recheck, name="tang-sighup", daemon=True).start()
 
 
 def prepare_metrics_directory(directory: Path) -> None:
@@ -174,11 +210,14 @@ def serve(settings: Settings) -> None:
     os.environ[MULTIPROCESS_ENVIRONMENT] = str(metrics_dir)
     os.environ[ENVIRONMENT_VARIABLE] = settings.to_environment()
     _exit_cleanly_on_signals()
+    # Sockets passed by systemd (a .socket unit, or systemd-socket-activate) replace --host, --port and --uds.
+    passed = systemd.listen_sockets()
+    notifier = systemd.Notifier.from_environment()
     config = uvicorn_config(settings)
     if settings.workers > 1:
-        Workers(config, [config.bind_socket()], settings).run()
+        Workers(config, passed or [config.bind_socket()], settings, notifier).run()
     else:
-        DrainingServer(config, settings.drain_seconds).run()
+        DrainingServer(config, settings.drain_seconds, on_ready=notifier.ready, notifier=notifier).run(passed or None)
 
 
 def _exit_cleanly_on_signals() -> None:
@@ -202,20 +241,32 @@ class Workers:
     completing connections that nobody accepts).
     """
 
-    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], settings: Settings) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        sockets: list[socket.socket],
+        settings: Settings,
+        notifier: systemd.Notifier | None = None,
+    ) -> None:
         self.config = config
         self.sockets = sockets
         self.drain_seconds = settings.drain_seconds
         self.bound = stop_bound(settings)
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self.stopping = False
+        self.notifier = notifier
+        #: Workers report (pid, digest) once they serve; the service is ready when every first worker has.
+        self.ready_queue = _SPAWN.SimpleQueue()
+        self.ready: dict[int, str] | None = {}
 
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._signalled)
+        signal.signal(signal.SIGHUP, lambda sig, frame: self._forward(signal.SIGHUP))
         self.processes = [self._spawn() for _ in range(self.config.workers)]
         while not self.stopping:
-            time.sleep(0.5)
+            time.sleep(0.1 if self.ready is not None else 0.5)
+            self._collect_ready()
             for index, process in enumerate(self.processes):
                 if process.exitcode is None or self.stopping:
                     continue
@@ -236,9 +287,22 @@ class Workers:
                 process.kill()
                 process.join()
 
+    def _collect_ready(self) -> None:
+        while not self.ready_queue.empty():
+            pid, digest = self.ready_queue.get()
+            if self.ready is not None:
+                self.ready[pid] = digest
+        if self.ready is not None and all(process.pid in self.ready for process in self.processes):
+            digests = set(self.ready.values())
+            self.ready = None  # said once; replaced workers do not make the service ready again
+            if self.notifier is not None:
+                self.notifier.ready(" ".join(sorted(digests)))
+
     def _signalled(self, sig: int, frame: FrameType | None) -> None:
         if not self.stopping:
             logger.info("%s: stopping %d workers", signal.Signals(sig).name, len(self.processes))
+            if self.notifier is not None:
+                self.notifier.stopping()
         repeated, self.stopping = self.stopping, True
         self._forward(signal.SIGINT if repeated and sig == signal.SIGINT else signal.SIGTERM)
 
@@ -249,7 +313,9 @@ class Workers:
 
     def _spawn(self) -> multiprocessing.process.BaseProcess:
         process = _SPAWN.Process(
-            target=_serve_worker, args=(self.config, self.sockets, self.drain_seconds, os.getpid()), daemon=False
+            target=_serve_worker,
+            args=(self.config, self.sockets, self.drain_seconds, os.getpid(), self.ready_queue),
+            daemon=False,
         )
         process.start()
         return process
@@ -259,7 +325,13 @@ _SPAWN = multiprocessing.get_context("spawn")
 _PR_SET_PDEATHSIG = 1
 
 
-def _serve_worker(config: uvicorn.Config, sockets: list[socket.socket], drain_seconds: float, parent: int) -> None:
+def _serve_worker(
+    config: uvicorn.Config,
+    sockets: list[socket.socket],
+    drain_seconds: float,
+    parent: int,
+    ready_queue: multiprocessing.queues.SimpleQueue[tuple[int, str]],
+) -> None:
     """A worker process: drain when the supervisor says so, or when it dies (SIGKILL gives it no chance to)."""
     import ctypes
 
@@ -268,7 +340,7 @@ def _serve_worker(config: uvicorn.Config, sockets: list[socket.socket], drain_se
         return  # the supervisor died before the line above: nobody to serve for
     config.configure_logging()
     _exit_cleanly_on_signals()
-    DrainingServer(config, drain_seconds).run(sockets)
+    DrainingServer(config, drain_seconds, on_ready=lambda digest: ready_queue.put((os.getpid(), digest))).run(sockets)
 
 
 def serve_connection(settings: Settings) -> None:
