@@ -30,6 +30,7 @@ from .keystore import KeyStore
 from .recovery import recover
 from .responses import ADVERTISEMENT_TYPE, JSON_TYPE, RECOVERY_TYPE, Answer, reply, send_answer
 from .settings import Settings
+from .usage import Usage
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -113,6 +114,20 @@ class TangApplication:
         self.draining = False
         self.access_log = access_log
         self.metrics = metrics
+        ledger = None
+        if settings.state_dir is not None:
+            from .ledger import Ledger  # sqlite3 is imported only when there is a ledger
+
+            ledger = Ledger(
+                settings.state_dir, clients=settings.ledger_clients, retention_days=settings.ledger_retention_days
+            )
+        self.usage = Usage(
+            lambda: store.keyset,
+            metrics,
+            ledger,
+            clients=settings.ledger_clients,
+            flush_seconds=settings.usage_flush_seconds,
+        )
         self.trusted = parse_networks(settings.trusted_proxies)
         self.may_recover = parse_networks(settings.allow_recovery)
         self.may_advertise = parse_networks(settings.allow_advertisement)
@@ -224,7 +239,7 @@ class TangApplication:
         """The answer to a request for `direct_route`'s route, its body complete, with a fresh key set."""
         if route.method == "GET":
             return self._advertisement(client, thp, keyset)
-        return self._refusal(client, arrival) or self._recovery(thp, body, keyset)
+        return self._refusal(client, arrival) or self._recovery(thp, body, keyset, client)
 
     async def advertise(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
         await send_answer(send, self._advertisement(self._client(scope), thp, await self.store.current()))
@@ -238,7 +253,8 @@ class TangApplication:
         return Answer(HTTPStatus.NOT_FOUND if thp else HTTPStatus.INTERNAL_SERVER_ERROR)
 
     async def recover(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
-        refusal = self._refusal(self._client(scope), scope.get("extensions", {}).get(ARRIVAL_EXTENSION))
+        client = self._client(scope)
+        refusal = self._refusal(client, scope.get("extensions", {}).get(ARRIVAL_EXTENSION))
         if refusal is not None:
             await send_answer(send, refusal)
             return
@@ -248,11 +264,11 @@ class TangApplication:
             return
         keyset = await self.store.current()
         if self.exchange_pool is None:
-            await send_answer(send, self._recovery(thp, body, keyset))
+            await send_answer(send, self._recovery(thp, body, keyset, client))
             return
         # The multiplication releases the GIL, so pool threads can use other cores.
         loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(self.exchange_pool, self._recovery, thp, body, keyset)
+        answer = await loop.run_in_executor(self.exchange_pool, self._recovery, thp, body, keyset, client)
         await send_answer(send, answer)
 
     def _refusal(self, client: str, arrival: float | None) -> Answer | None:
@@ -268,11 +284,17 @@ class TangApplication:
             return Answer(HTTPStatus.SERVICE_UNAVAILABLE, extra_headers=RETRY_AFTER)
         return None
 
-    def _recovery(self, thp: str, body: bytes, keyset: KeySet) -> Answer:
+    def _recovery(self, thp: str, body: bytes, keyset: KeySet, client: str) -> Answer:
         began = time.perf_counter()
         status, answer = recover(keyset, thp, body)
         if self.metrics is not None:
             self.metrics.exchange.observe(time.perf_counter() - began)
+        if status == HTTPStatus.OK:
+            key = keyset.find(thp)
+            assert key is not None
+            self.usage.recovered(key, client)
+        elif status == HTTPStatus.NOT_FOUND:  # a valid request whose key id matches no key
+            self.usage.unknown(thp, client)
         return Answer(status, answer, RECOVERY_TYPE if status == HTTPStatus.OK else None)
 
     async def health(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
@@ -318,6 +340,8 @@ class TangApplication:
             "problems": list(keyset.problems),
             "directory_error": self.store.failure,
             "pid": os.getpid(),
+            # Per-key recoveries of this replica (every worker): counts and times only, never client addresses.
+            "usage": await asyncio.to_thread(self.usage.report),
         }
         await reply(send, HTTPStatus.OK, json.dumps(body, separators=(",", ":")).encode(), JSON_TYPE)
 

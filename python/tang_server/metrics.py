@@ -23,9 +23,12 @@ from ._native import ENGINE
 from .settings import MULTIPROCESS_ENVIRONMENT
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from starlette.types import ASGIApp
 
     from .keyset import KeySet
+    from .ledger import Batch
 
 
 #: Sub-millisecond resolution at the bottom (an /adv is tens of microseconds), seconds at the top (overload).
@@ -106,12 +109,40 @@ class Metrics:
             registry=own,
         )
         self.build_info.labels(__version__, ENGINE).set(1)
+        # Usage by key (`usage.py`, added every few seconds). The kid label is only ever the S256 thumbprint of a
+        # loaded key: a key id from a request that matches no key is counted in `unknown_key`, without its value.
+        self.recoveries = Counter(
+            "tang_recoveries",
+            "Recoveries answered, by the S256 thumbprint and visibility of the key used.",
+            ["kid", "visibility"],
+            registry=own,
+        )
+        self.last_recovery = Gauge(
+            "tang_key_last_recovery_timestamp_seconds",
+            "When a key last answered a recovery (from the ledger when there is one: survives restarts).",
+            ["kid", "visibility"],
+            multiprocess_mode="max",
+            registry=own,
+        )
+        self.hidden_since = Gauge(
+            "tang_key_hidden_since_timestamp_seconds",
+            "Since when a hidden key is hidden: as first recorded in the ledger, else first seen by the worker.",
+            ["kid"],
+            multiprocess_mode="livemin",
+            registry=own,
+        )
+        self.unknown_key = Counter(
+            "tang_recovery_unknown_key",
+            "Well-formed recoveries (404) for a key id that matches no key: machines that cannot unlock.",
+            registry=own,
+        )
         self._digest: str | None = None
         if self.directory is not None:
             exposition = CollectorRegistry()
             multiprocess.MultiProcessCollector(exposition, path=self.directory)  # type: ignore[no-untyped-call]
         else:
             exposition = own
+        self._registry = exposition
         self._exposition: ASGIApp = make_asgi_app(exposition)
 
     def answered(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -137,6 +168,43 @@ class Metrics:
                 self.keys.labels("hidden" if hidden else "visible", kind).set(count)
         self.ready.set(1 if keyset.ready else 0)
         self.last_reload.set(time.time())
+
+    def usage_flushed(
+        self,
+        batch: Mapping[str, Batch],
+        unknown: int,
+        hidden_since: Mapping[str, float],
+        recorded: Mapping[str, tuple[float | None, float | None]],
+    ) -> None:
+        """A worker's recoveries since the last flush (`usage.Usage`); `recorded`: the ledger's (hidden since,
+        last recovery) by key, empty without a ledger."""
+        for kid, entry in batch.items():
+            visibility = "hidden" if entry.hidden else "visible"
+            self.recoveries.labels(kid, visibility).inc(entry.count)
+            self.last_recovery.labels(kid, visibility).set(entry.last)
+        for kid, (_, last) in recorded.items():
+            if last is not None:
+                visibility = "hidden" if kid in hidden_since else "visible"
+                self.last_recovery.labels(kid, visibility).set(last)
+        for kid, since in hidden_since.items():
+            self.hidden_since.labels(kid).set(since)
+        if unknown:
+            self.unknown_key.inc(unknown)
+
+    def recovery_totals(self) -> dict[str, tuple[int, float | None]]:
+        """(recoveries, last recovery) by key id, over every worker of this server (what `/metrics` shows)."""
+        counts: dict[str, int] = {}
+        last: dict[str, float] = {}
+        for family in self._registry.collect():
+            for sample in family.samples:
+                kid = sample.labels.get("kid")
+                if kid is None:
+                    continue
+                if sample.name == "tang_recoveries_total":
+                    counts[kid] = counts.get(kid, 0) + int(sample.value)
+                elif sample.name == "tang_key_last_recovery_timestamp_seconds":
+                    last[kid] = max(last.get(kid, 0.0), sample.value)
+        return {kid: (counts.get(kid, 0), last.get(kid)) for kid in counts.keys() | last.keys()}
 
     def reload_failed(self) -> None:
         self.reload_failures.inc()

@@ -18,6 +18,14 @@ DEFAULT_MAX_TARGET_BYTES = 4096  # a request target this long or longer is 414, 
 DEFAULT_MAX_BODY_BYTES = 65536  # a body this long or longer is 413, as in the reference
 #: Seconds between SIGTERM and closing the listener, serving but not ready, so load balancers take the replica out.
 DEFAULT_DRAIN_SECONDS = 5.0
+#: Recovery usage (metrics, ledger) is gathered in memory and written out this often, never per request.
+DEFAULT_USAGE_FLUSH_SECONDS = 5.0
+#: Distinct client addresses the ledger keeps per key (the most recent ones).
+DEFAULT_LEDGER_CLIENTS = 5
+#: A key absent from the key set this long loses its ledger row (and its client addresses).
+DEFAULT_LEDGER_RETENTION_DAYS = 90.0
+#: `delete-hidden` refuses a key that answered a recovery more recently than this.
+DEFAULT_MIN_IDLE_DAYS = 30.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,11 @@ class Settings:
     #: When not empty, only clients in these networks (CIDR) may POST /rec, or GET /adv; others get 403.
     allow_recovery: tuple[str, ...] = ()
     allow_advertisement: tuple[str, ...] = ()
+    #: Where the recovery ledger lives (`ledger.py`); None: no ledger (usage is still counted in the metrics).
+    state_dir: str | None = None
+    ledger_clients: int = DEFAULT_LEDGER_CLIENTS
+    ledger_retention_days: float = DEFAULT_LEDGER_RETENTION_DAYS
+    usage_flush_seconds: float = DEFAULT_USAGE_FLUSH_SECONDS
 
     def to_environment(self) -> str:
         values = dataclasses.asdict(self)
