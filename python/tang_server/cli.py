@@ -13,9 +13,13 @@ from . import __version__, client, keyfiles, server
 from .keyset import load_keyset
 from .settings import (
     DEFAULT_DRAIN_SECONDS,
+    DEFAULT_LEDGER_CLIENTS,
+    DEFAULT_LEDGER_RETENTION_DAYS,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_TARGET_BYTES,
+    DEFAULT_MIN_IDLE_DAYS,
     DEFAULT_PORT,
+    DEFAULT_USAGE_FLUSH_SECONDS,
     Settings,
 )
 
@@ -132,6 +136,28 @@ def parser() -> argparse.ArgumentParser:
         type=network,
         help="CIDR of a proxy whose X-Forwarded-For names the client in the access log (repeatable)",
     )
+    serve.add_argument(
+        "--state-dir",
+        help="keep a ledger of which keys answer recoveries here (SQLite; default: none, no ledger)",
+    )
+    serve.add_argument(
+        "--ledger-clients",
+        type=lambda text: int(non_negative(text)),
+        default=DEFAULT_LEDGER_CLIENTS,
+        help="client addresses the ledger keeps per key, the most recent (0: none; default: %(default)s)",
+    )
+    serve.add_argument(
+        "--ledger-retention-days",
+        type=non_negative,
+        default=DEFAULT_LEDGER_RETENTION_DAYS,
+        help="forget a key absent from the key set this long (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--usage-flush-seconds",
+        type=non_negative,
+        default=DEFAULT_USAGE_FLUSH_SECONDS,
+        help="write recovery usage to the metrics and the ledger this often (default: %(default)s)",
+    )
 
     keygen = commands.add_parser("keygen", help="write a new signing and exchange key pair (like tangd-keygen)")
     keygen.add_argument("directory", type=Path)
@@ -157,6 +183,27 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--kid", action="append", help="a hidden key's thumbprint (any hash), as --kid=KID (ids may start with -)"
     )
+    delete.add_argument("--state-dir", type=Path, help="the local recovery ledger (serve --state-dir)")
+    delete.add_argument("--fleet", action="extend", nargs="+", default=[], metavar="URL",
+                        help="replicas (URLs or DNS names) whose usage must show the keys idle")  # fmt: skip
+    delete.add_argument(
+        "--min-idle",
+        type=non_negative,
+        default=DEFAULT_MIN_IDLE_DAYS,
+        metavar="DAYS",
+        help="refuse a key that answered a recovery within DAYS by the ledger or a replica (default: %(default)s)",
+    )
+    delete.add_argument("--force", action="store_true", help="delete even keys recently used or not known idle")
+
+    keys = commands.add_parser("keys", help="which keys answer recoveries")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    usage = keys_commands.add_parser(
+        "usage", help="per key: visibility, last recovery, counts per replica (and the local ledger) and in total"
+    )
+    usage.add_argument("--state-dir", type=Path, help="the local recovery ledger (serve --state-dir)")
+    usage.add_argument("--within", type=non_negative, default=DEFAULT_MIN_IDLE_DAYS, metavar="DAYS",
+                       help="flag hidden keys used within DAYS (default: %(default)s)")  # fmt: skip
+    usage.add_argument("targets", nargs="*", help="replica URLs, or DNS names resolving to every replica")
 
     fleet = commands.add_parser("fleet", help="see and wait for the key sets of every replica and worker")
     fleet_commands = fleet.add_subparsers(dest="fleet_command", required=True)
@@ -304,6 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 trusted_proxies=tuple(args.trusted_proxy),
                 allow_recovery=tuple(args.allow_recovery),
                 allow_advertisement=tuple(args.allow_advertisement),
+                state_dir=args.state_dir,
+                ledger_clients=args.ledger_clients,
+                ledger_retention_days=args.ledger_retention_days,
+                usage_flush_seconds=args.usage_flush_seconds,
             )
         )
     elif args.command == "keygen":
@@ -321,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"tang-server rotate: {exc}", file=sys.stderr)
             return 1
     elif args.command == "delete-hidden":
+        from .retirement import guard_deletion
+
+        if not guard_deletion(args):
+            return 1
         try:
             removed = keyfiles.delete_hidden(args.directory, None if args.all else args.kid)
         except keyfiles.RotationError as exc:
@@ -330,6 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"deleted {kid} ({name})")
         if not removed:
             print("no hidden keys to delete")
+    elif args.command == "keys":
+        from .retirement import usage_command
+
+        return usage_command(args)
     elif args.command == "fleet":
         return fleet_command(args)
     elif args.command == "kubernetes":
