@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tang_server import keyfiles, ledger
 from tang_server.keyset import load_keyset
@@ -24,9 +25,9 @@ def scrape(server: Server) -> str:
         return str(response.read().decode())
 
 
-def status(server: Server) -> dict[str, object]:
+def status(server: Server) -> dict[str, Any]:
     answer = raw_request(server.port, b"GET /status HTTP/1.1\r\nConnection: close\r\n\r\n")
-    document: dict[str, object] = json.loads(answer.partition(b"\r\n\r\n")[2])
+    document: dict[str, Any] = json.loads(answer.partition(b"\r\n\r\n")[2])
     return document
 
 
