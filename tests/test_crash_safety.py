@@ -61,10 +61,10 @@ def _cli(*words: str) -> Callable[[Path], int]:
 class _NotListening:
     """Stands for uvicorn in a first start: the test stops where listening would begin."""
 
-    def __init__(self, *args: object) -> None:
+    def __init__(self, *args: object, **kwargs: object) -> None:
         pass
 
-    def run(self) -> None:
+    def run(self, sockets: object = None) -> None:
         pass
 
 
