@@ -1,9 +1,9 @@
 """Stop a process at exactly one file operation on a key directory: the crash-safety harness's test side.
 
 Every os-level call that changes something under ROOT (a path argument there, or a descriptor opened there) is a
-*step*, numbered from 0 in the order the process makes it: open, write, fsync, fdatasync, fchmod, chmod, close,
-ftruncate, truncate, link, symlink, unlink, remove, rename, replace, mkdir, rmdir, and flock. Each step is written
-to a report file before it runs. Step N itself never runs: the process then either exits at once (`os._exit`: an
+*step*, numbered from 0 in the order the process makes it: open, write, fsync, fdatasync, fchmod, fchown, chmod,
+close, ftruncate, truncate, link, symlink, unlink, remove, rename, replace, mkdir, rmdir, and flock. Each step is
+written to a report file before it runs. Step N itself never runs: the process then either exits at once (`os._exit`: an
 injected crash) or stops itself (SIGSTOP) so that the test sees it held at exactly that step and kills it with a
 real SIGKILL. Production code carries no hook: the wrappers replace `os` and `fcntl` functions in the process
 under test only (a forked child, or `python -m tests.crashpoint`).
@@ -37,7 +37,7 @@ PATH_OPERATIONS = {
     "mkdir": 1,
     "rmdir": 1,
 }
-DESCRIPTOR_OPERATIONS = ("write", "fsync", "fdatasync", "fchmod", "ftruncate", "close")
+DESCRIPTOR_OPERATIONS = ("write", "fsync", "fdatasync", "fchmod", "fchown", "ftruncate", "close")
 
 #: The exit status of an injected crash (any other status is a failure of the command itself).
 CRASHED = 86

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,41 @@ def test_rotate_hides_old_keys_and_adds_a_pair_without_deleting(keys: Path) -> N
     keyset = load_keyset(keys)
     assert len(keyset.visible) == 2 and len(keyset.hidden) == 2
     assert "hidden" in result.stdout and "visible" in result.stdout
+
+
+SERVICE_UID = 65534  # nobody: stands in for the service user (`tang`, `_tang`) that owns /var/db/tang
+
+
+def test_keys_root_writes_belong_to_the_key_directorys_owner() -> None:
+    """As root (how operators run rotations) into a directory the service user owns: every key file, visible and
+    hidden, belongs to that user, and that user can read it (the kernel judges, through setpriv)."""
+    assert os.geteuid() == 0, "the suite runs as root (make test installs Debian packages)"
+    # Under /tmp, not tmp_path: pytest's directories are 0700 root, which the service user could not traverse.
+    directory = Path(tempfile.mkdtemp(prefix="tang-owned-", dir="/tmp"))
+    try:
+        os.chown(directory, SERVICE_UID, SERVICE_UID)
+        for command in (["keygen"], ["rotate", "--stage"], ["rotate", "--promote"]):
+            subprocess.run([str(BIN / "tang-server"), *command, str(directory)], check=True, capture_output=True)
+        files = sorted(directory.glob("*.jwk"))  # pathlib's * matches hidden names too
+        assert len(files) == 4 and len([path for path in files if path.name.startswith(".")]) == 2
+        for path in files:
+            status = path.stat()
+            assert (status.st_uid, status.st_gid, _mode(path)) == (SERVICE_UID, SERVICE_UID, 0o440), path
+            as_service = ["setpriv", f"--reuid={SERVICE_UID}", f"--regid={SERVICE_UID}", "--clear-groups", "cat"]
+            read = subprocess.run([*as_service, str(path)], capture_output=True)
+            assert read.returncode == 0 and read.stdout == path.read_bytes(), read.stderr
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_keys_in_a_root_owned_directory_stay_root_owned() -> None:
+    """The other side: a root-owned directory gets root-owned keys (nothing is handed to anyone else)."""
+    directory = Path(tempfile.mkdtemp(prefix="tang-root-", dir="/tmp"))
+    try:
+        subprocess.run([str(BIN / "tang-server"), "keygen", str(directory)], check=True, capture_output=True)
+        assert {(p.stat().st_uid, p.stat().st_gid) for p in directory.glob("*.jwk")} == {(0, 0)}
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_rotate_is_compatible_with_reference_layout(reference_keys: Path, tmp_path: Path) -> None:

@@ -93,6 +93,7 @@ def write_new_file(directory: Path, name: str, data: bytes) -> Path:
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, KEY_FILE_MODE)
     try:
         os.fchmod(fd, KEY_FILE_MODE)  # the umask may have removed bits; never added any
+        _inherit_owner(fd, directory)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
@@ -105,6 +106,20 @@ def write_new_file(directory: Path, name: str, data: bytes) -> Path:
         os.unlink(temporary)
     fsync_directory(directory)
     return target
+
+
+def _inherit_owner(fd: int, directory: Path) -> None:
+    """Give a file root writes into a service user's key directory to that user (and its group).
+
+    An operator rotates as root in a directory the server reads as its own user (`tang` on Fedora, `_tang` on
+    Debian; the reference's tangd-keygen chowns to it by name): a root-owned 0440 key would be unreadable by the
+    server. Following the directory's owner serves every distribution's user name.
+    """
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(directory)
+    if (owner.st_uid, owner.st_gid) != (0, 0):
+        os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 def rename_key(directory: Path, source: str, destination: str) -> None:
