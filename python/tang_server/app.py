@@ -178,8 +178,8 @@ class TangApplication:
             if len(target) >= self.settings.max_target_bytes:
                 await reply(tracking_send, HTTPStatus.REQUEST_URI_TOO_LONG)
             elif declared_length(scope["headers"]) >= self.settings.max_body_bytes:
-                await _discard_body(receive)
-                await reply(tracking_send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+                finished = await _discard_body(receive)
+                await reply(tracking_send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, extra_headers=_closing(finished))
             else:
                 await self.router(scope, receive, tracking_send)
         except Exception:
@@ -258,9 +258,9 @@ class TangApplication:
         if refusal is not None:
             await send_answer(send, refusal)
             return
-        body = await _read_body(receive, self.settings.max_body_bytes)
+        body, finished = await _read_body(receive, self.settings.max_body_bytes)
         if body is None:
-            await reply(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            await reply(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, extra_headers=_closing(finished))
             return
         keyset = await self.store.current()
         if self.exchange_pool is None:
@@ -365,35 +365,44 @@ def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
 
 #: How much of an oversized body is read and thrown away before answering 413. Closing a connection with unread
 #: data makes the kernel send a reset, and the client may never see the answer; reading an unbounded body
-#: would let a client keep a worker busy, so beyond this the connection is simply closed.
+#: would let a client keep a worker busy, so beyond this the answer says `Connection: close` and the connection
+#: is closed (uvicorn would otherwise go on reading, and discarding, the rest).
 DISCARD_LIMIT = 1 << 20
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None once it reaches `limit` bytes (chunked bodies have no declared length)."""
+def _closing(finished: bool) -> list[tuple[bytes, bytes]] | None:
+    """The extra header of a 413: close the connection when the body was not read to its end."""
+    return None if finished else [(b"connection", b"close")]
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes | None, bool]:
+    """The whole request body, or None once it reaches `limit` bytes (chunked bodies have no declared length);
+    and whether the body was read to its end."""
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return b"".join(chunks)
+            return b"".join(chunks), True
         chunk = message.get("body", b"")
         size += len(chunk)
         if size >= limit:
             if message.get("more_body", False):
-                await _discard_body(receive, DISCARD_LIMIT - size)
-            return None
+                return None, await _discard_body(receive, DISCARD_LIMIT - size)
+            return None, True
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            return b"".join(chunks), True
 
 
-async def _discard_body(receive: Receive, limit: int = DISCARD_LIMIT) -> None:
+async def _discard_body(receive: Receive, limit: int = DISCARD_LIMIT) -> bool:
+    """Reads and drops up to `limit` bytes of body; True when the body ended (or the client left) by then."""
     discarded = 0
     while discarded < limit:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return
+            return True
         discarded += len(message.get("body", b""))
         if not message.get("more_body", False):
-            return
+            return True
+    return False

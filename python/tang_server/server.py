@@ -101,7 +101,9 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         log_config=log_config(settings),
         proxy_headers=False,
         timeout_keep_alive=int(max(1, settings.keep_alive_seconds)),
-        limit_concurrency=settings.max_connections,
+        # uvicorn counts the connection asking among its connections (503 when there are `limit` or more):
+        # one more, so that `--max-connections N` serves N connections at once and the next one gets 503.
+        limit_concurrency=None if settings.max_connections is None else settings.max_connections + 1,
         timeout_graceful_shutdown=closing_seconds(settings),
     )
 
