@@ -2,7 +2,7 @@
 //! must refuse.
 use p521::elliptic_curve::sec1::ToEncodedPoint;
 use p521::elliptic_curve::PrimeField;
-use p521::{AffinePoint, ProjectivePoint, Scalar};
+use p521::{ProjectivePoint, Scalar};
 use tang_p521::{is_at_least_field_prime, Coordinate, Error, ExchangeKey};
 
 include!("support/vectors.rs");
@@ -94,8 +94,22 @@ fn refuses_points_off_the_curve_and_infinity() {
     one[65] = 1;
     assert_eq!(key.exchange(&zero, &zero).unwrap_err(), Error::NotOnCurve);
     assert_eq!(key.exchange(&zero, &one).unwrap_err(), Error::NotOnCurve);
-    // The identity is also what AffinePoint::IDENTITY encodes as; it must never be accepted.
-    assert!(bool::from(AffinePoint::IDENTITY.is_identity()));
+    // Nor is it accepted anywhere else a point enters: as a key's public point, or as either term of a sum.
+    let (gx, gy) = affine(ProjectivePoint::GENERATOR);
+    for infinity in [(&zero, &zero), (&zero, &one)] {
+        assert_eq!(
+            ExchangeKey::new(&KEY_D, infinity.0, infinity.1).unwrap_err(),
+            Error::NotOnCurve
+        );
+        assert_eq!(
+            tang_p521::add_points(infinity, (&gx, &gy)).unwrap_err(),
+            Error::NotOnCurve
+        );
+        assert_eq!(
+            tang_p521::add_points((&gx, &gy), infinity).unwrap_err(),
+            Error::NotOnCurve
+        );
+    }
 }
 
 #[test]
