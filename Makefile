@@ -39,11 +39,18 @@ DEBIAN_PACKAGES := clevis clevis-luks cryptsetup-bin luksmeta jose tang socat cu
 SOURCES := pyproject.toml Cargo.toml Cargo.lock $(wildcard rust/*/Cargo.toml) \
 	$(shell find rust python -name '*.rs' -o -name '*.pyi' 2>/dev/null)
 
-.PHONY: help prerequisites run test floor-test lock lint bench capacity soak overload fuzz fuzz-smoke cargo-fuzz debian-packages rust-test python-test clean
+# `make dist`: the sdist and one manylinux wheel for every CPython >= 3.11 (abi3). zig links against glibc 2.28's
+# symbols (RHEL 8 and later) whatever the build host has; its own target directory keeps the editable build's
+# objects (gcc) from being rebuilt each time.
+DIST ?= dist
+WHEEL_TAG := manylinux_2_28
+
+.PHONY: help prerequisites run test floor-test lock dist lint bench capacity soak overload fuzz fuzz-smoke cargo-fuzz debian-packages rust-test python-test clean
 
 help:
 	@echo "make run    serve the Tang protocol on $(HOST):$(PORT) from ./$(KEYS) (keys generated on first start)"
 	@echo "make test   install everything needed, then run the Rust and Python tests and the linters"
+	@echo "make dist   build the sdist and a $(WHEEL_TAG) abi3 wheel into ./$(DIST), checked by auditwheel"
 	@echo "make lint   ruff, mypy --strict, stubtest, cargo clippy -D warnings, cargo fmt --check"
 	@echo "make bench  P-521 candidates against openssl speed, micro benchmarks, and the wrk load harness"
 	@echo "make capacity  throughput and latency by workers and offered load: bench/results/capacity/report.md"
@@ -116,6 +123,13 @@ lock:
 			--custom-compile-command "make lock" "$$@" -o $$out || exit 1; \
 	done
 	rm -rf $(VENV)-lock requirements/floors.txt
+
+dist: $(DEV_STAMP)
+	rm -rf $(DIST)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/maturin sdist --out $(DIST)
+	PATH="$(abspath $(BIN)):$$PATH" CARGO_TARGET_DIR=target/dist $(BIN)/maturin build --release --locked --zig \
+		--compatibility $(WHEEL_TAG) --out $(DIST)
+	$(BIN)/auditwheel show $(DIST)/*.whl
 
 test: debian-packages $(DEV_STAMP) $(STAMP) rust-test python-test fuzz-smoke lint
 
