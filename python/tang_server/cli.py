@@ -158,6 +158,12 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_USAGE_FLUSH_SECONDS,
         help="write recovery usage to the metrics and the ledger this often (default: %(default)s)",
     )
+    serve.add_argument(
+        "--handoff-socket",
+        metavar="PATH|none",
+        help="Unix socket on which tangd (inetd mode) hands its connections over (default: one derived from the "
+        "key directory, which tangd finds by itself; `none`: off)",
+    )
 
     keygen = commands.add_parser("keygen", help="write a new signing and exchange key pair (like tangd-keygen)")
     keygen.add_argument("directory", type=Path)
@@ -355,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ledger_clients=args.ledger_clients,
                 ledger_retention_days=args.ledger_retention_days,
                 usage_flush_seconds=args.usage_flush_seconds,
+                handoff_socket="" if args.handoff_socket == "none" else args.handoff_socket,
             )
         )
     elif args.command == "keygen":

@@ -11,6 +11,11 @@ Stopping drops nothing received. Each serving process (the only one, or each wor
     --> exit with status 0.
 
 A second SIGINT (Ctrl+C twice) ends the drain window at once; what was received is still answered.
+
+Connections handed over by `tangd` (inetd mode, `handoff.py`) arrive on a Unix control socket; each serving
+process adopts them as uvicorn connections, so they are served, counted, logged and drained like accepted ones.
+SIGTERM removes the control socket's file (new `tangd`s serve their connection themselves); the CLOSING step stops
+taking hand-overs before the listener closes.
 """
 
 from __future__ import annotations
@@ -32,16 +37,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 import uvicorn
 import uvloop
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.server import ServerState
 
-from . import keyfiles, systemd
+from . import handoff, handoff_listener, keyfiles, systemd
 from .accesslog import AccessLog
 from .app import TangApplication
+from .handoff_listener import HandoffListener
 from .keystore import KeyStore
 from .protocol import TangHttpProtocol
 from .settings import ENVIRONMENT_VARIABLE, MULTIPROCESS_ENVIRONMENT, Settings
@@ -119,12 +125,40 @@ def stop_bound(settings: Settings) -> float:
     return settings.drain_seconds + closing_seconds(settings) + 1
 
 
+class Handoff(NamedTuple):
+    """The control socket `tangd` hands connections to (`handoff.py`); `owner`: this process removes its file."""
+
+    sock: socket.socket
+    path: str
+    inode: int
+    owner: bool
+
+    def remove(self) -> None:
+        if self.owner:
+            handoff_listener.unlink(self.path, self.inode)
+
+
+def bind_handoff(settings: Settings) -> Handoff | None:
+    """The control socket for this key directory, or None when turned off or impossible (logged, not fatal)."""
+    if settings.handoff_socket == "":
+        return None
+    path = settings.handoff_socket or handoff.default_socket_path(str(settings.keys_dir))
+    try:
+        sock, inode = handoff_listener.bind(path)
+    except OSError as exc:
+        logger.warning("not taking connections from tangd: cannot listen on %s: %s", path, exc)
+        return None
+    logger.info("taking connections from tangd on %s", path)
+    return Handoff(sock, path, inode, owner=True)
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server with the drain window between the signal and the shutdown (module docstring).
 
     `on_ready` is called with the served key-set digest once the server listens with its keys loaded (the
     service manager's READY=1, or the supervisor's count of ready workers); `notifier` is told when it stops.
-    SIGHUP re-reads the key directory (`systemctl reload`), for changes no inotify event reports.
+    SIGHUP re-reads the key directory (`systemctl reload`), for changes no inotify event reports. `handoff`: the
+    control socket on which this process also takes connections from `tangd`.
     """
 
     def __init__(
@@ -134,12 +168,15 @@ class DrainingServer(uvicorn.Server):
         *,
         on_ready: Callable[[str], None] | None = None,
         notifier: systemd.Notifier | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         super().__init__(config)
         self.drain_seconds = drain_seconds
         self.drain_ends: float | None = None
         self.on_ready = on_ready
         self.notifier = notifier
+        self.handoff = handoff
+        self.handoff_listener: HandoffListener | None = None
 
     def _application(self) -> TangApplication | None:
         app = self.config.loaded_app if self.config.loaded else None
@@ -151,6 +188,10 @@ class DrainingServer(uvicorn.Server):
         if not self.started or app is None:
             return
         signal.signal(signal.SIGHUP, lambda sig, frame: _recheck_in_background(app.store))
+        if self.handoff is not None:
+            self.handoff_listener = HandoffListener(
+                self.handoff.sock, app.settings.keys_dir, app.settings.prefix, self._adopt
+            )
         if self.on_ready is not None:
             self.on_ready(app.store.keyset.digest)
 
@@ -162,6 +203,8 @@ class DrainingServer(uvicorn.Server):
                 self.drain_ends = time.monotonic()
             return
         self.drain_ends = time.monotonic() + self.drain_seconds
+        if self.handoff is not None:
+            self.handoff.remove()  # new tangds serve their connection themselves
         if self.notifier is not None:
             self.notifier.stopping()
         app = self._application()
@@ -176,7 +219,20 @@ class DrainingServer(uvicorn.Server):
             return False  # draining: keep accepting
         return stop
 
+    async def _adopt(self, connection: socket.socket) -> None:
+        """Serve a connection handed over by tangd exactly as one the listener accepted (see uvicorn's startup)."""
+        config = self.config
+
+        def create_protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        await asyncio.get_running_loop().connect_accepted_socket(create_protocol, connection)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.handoff_listener is not None:
+            await self.handoff_listener.stop()  # before the listener closes, so its connections are shut down too
         connections = list(self.server_state.connections)
         answering = sum(1 for c in connections if isinstance(c, TangHttpProtocol) and c.answering())
         logger.info("closing the listener: %d connections answering, %d idle", answering, len(connections) - answering)
@@ -216,10 +272,17 @@ def serve(settings: Settings) -> None:
     passed = systemd.listen_sockets()
     notifier = systemd.Notifier.from_environment()
     config = uvicorn_config(settings)
-    if settings.workers > 1:
-        Workers(config, passed or [config.bind_socket()], settings, notifier).run()
-    else:
-        DrainingServer(config, settings.drain_seconds, on_ready=notifier.ready, notifier=notifier).run(passed or None)
+    control = bind_handoff(settings)
+    try:
+        if settings.workers > 1:
+            Workers(config, passed or [config.bind_socket()], settings, notifier, control).run()
+        else:
+            DrainingServer(
+                config, settings.drain_seconds, on_ready=notifier.ready, notifier=notifier, handoff=control
+            ).run(passed or None)
+    finally:
+        if control is not None:
+            control.remove()
 
 
 def _exit_cleanly_on_signals() -> None:
@@ -249,9 +312,11 @@ class Workers:
         sockets: list[socket.socket],
         settings: Settings,
         notifier: systemd.Notifier | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         self.config = config
         self.sockets = sockets
+        self.handoff = handoff
         self.drain_seconds = settings.drain_seconds
         self.bound = stop_bound(settings)
         self.processes: list[multiprocessing.process.BaseProcess] = []
@@ -281,6 +346,8 @@ class Workers:
         self._forward(signal.SIGTERM)  # again, for a worker started as the signal came
         for sock in self.sockets:
             sock.close()
+        if self.handoff is not None:
+            self.handoff.sock.close()
         deadline = time.monotonic() + self.bound
         for process in self.processes:
             process.join(max(0.0, deadline - time.monotonic()))
@@ -305,6 +372,8 @@ class Workers:
             logger.info("%s: stopping %d workers", signal.Signals(sig).name, len(self.processes))
             if self.notifier is not None:
                 self.notifier.stopping()
+            if self.handoff is not None:
+                self.handoff.remove()
         repeated, self.stopping = self.stopping, True
         self._forward(signal.SIGINT if repeated and sig == signal.SIGINT else signal.SIGTERM)
 
@@ -313,10 +382,13 @@ class Workers:
             if process.pid is not None and process.exitcode is None:
                 os.kill(process.pid, sig)
 
+    def _worker_handoff(self) -> Handoff | None:
+        return None if self.handoff is None else self.handoff._replace(owner=False)
+
     def _spawn(self) -> multiprocessing.process.BaseProcess:
         process = _SPAWN.Process(
             target=_serve_worker,
-            args=(self.config, self.sockets, self.drain_seconds, os.getpid(), self.ready_queue),
+            args=(self.config, self.sockets, self.drain_seconds, os.getpid(), self.ready_queue, self._worker_handoff()),
             daemon=False,
         )
         process.start()
@@ -333,6 +405,7 @@ def _serve_worker(
     drain_seconds: float,
     parent: int,
     ready_queue: multiprocessing.queues.SimpleQueue[tuple[int, str]],
+    handoff: Handoff | None = None,
 ) -> None:
     """A worker process: drain when the supervisor says so, or when it dies (SIGKILL gives it no chance to)."""
     import ctypes
@@ -342,7 +415,9 @@ def _serve_worker(
         return  # the supervisor died before the line above: nobody to serve for
     config.configure_logging()
     _exit_cleanly_on_signals()
-    DrainingServer(config, drain_seconds, on_ready=lambda digest: ready_queue.put((os.getpid(), digest))).run(sockets)
+    DrainingServer(
+        config, drain_seconds, on_ready=lambda digest: ready_queue.put((os.getpid(), digest)), handoff=handoff
+    ).run(sockets)
 
 
 def serve_connection(settings: Settings) -> None:

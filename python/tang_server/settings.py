@@ -78,6 +78,9 @@ class Settings:
     ledger_clients: int = DEFAULT_LEDGER_CLIENTS
     ledger_retention_days: float = DEFAULT_LEDGER_RETENTION_DAYS
     usage_flush_seconds: float = DEFAULT_USAGE_FLUSH_SECONDS
+    #: The Unix control socket on which `tangd` hands its connection over (`handoff.py`); None: the default path
+    #: derived from the key directory, which `tangd` finds by itself; "": take no hand-overs.
+    handoff_socket: str | None = None
 
     def to_environment(self) -> str:
         values = dataclasses.asdict(self)

@@ -4,24 +4,44 @@
 
 Without `-l` it serves the one HTTP connection on standard input and output (systemd `Accept=yes`, xinetd,
 socat); with `-l` it listens on PORT (default 9090) on every address, as the reference does.
+
+Started once per connection, it must start fast. When a `tang-server serve` for DIR runs, the connection is handed
+over to it (`handoff.py`) and this process exits; only a plain command line and built-in modules are needed for
+that, so everything else (argparse, the server) is imported only once the hand-over is known to be impossible.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
-from . import server
-from .cli import port_number
-from .settings import Settings
+from . import handoff
+
+TYPE_CHECKING = False  # typing's own costs an import this path cannot afford; mypy treats this name the same
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
 
 DEFAULT_PORT = 9090
+USAGE = "Usage: {} [-l] [-p <port>] [-e <endpoint>] <jwkdir>"
+_S_IFMT, _S_IFDIR = 0o170000, 0o040000
 
 
 def parser() -> argparse.ArgumentParser:
-    tangd = argparse.ArgumentParser(prog="tangd", description="Tang server (reference-compatible command line)")
+    import argparse
+    from pathlib import Path
+    from typing import NoReturn
+
+    from .cli import port_number
+
+    class Parser(argparse.ArgumentParser):
+        """A command-line error is reported as the reference reports it: its usage line, exit status 1."""
+
+        def error(self, message: str) -> NoReturn:
+            print(USAGE.format(sys.argv[0]), file=sys.stderr)
+            sys.exit(1)
+
+    tangd = Parser(prog="tangd", description="Tang server (reference-compatible command line)")
     tangd.add_argument("-l", dest="listen", action="store_true", help="listen on PORT instead of serving stdin")
     tangd.add_argument("-p", dest="port", type=port_number, default=DEFAULT_PORT, help="port (default 9090)")
     tangd.add_argument("-e", dest="endpoint", default="", help="serve under /ENDPOINT")
@@ -29,11 +49,61 @@ def parser() -> argparse.ArgumentParser:
     return tangd
 
 
+def inetd_arguments(argv: Sequence[str]) -> tuple[str, str] | None:
+    """(directory, endpoint) of a plain inetd-mode command line (`[-e EP] [-p PORT] DIR` in any order); None for
+    anything else (`-l`, combined or unknown options, a bad port), which argparse then judges."""
+    directory, endpoint = None, ""
+    position = 0
+    while position < len(argv):
+        argument = argv[position]
+        if argument in ("-e", "-p") and position + 1 < len(argv) and not argv[position + 1].startswith("-"):
+            value = argv[position + 1]
+            if argument == "-e":
+                endpoint = value
+            elif not (value.isdigit() and 0 < int(value) < 65536):
+                return None
+            position += 2
+        elif argument.startswith("-") or directory is not None:
+            return None
+        else:
+            directory = argument
+            position += 1
+    return None if directory is None else (directory, endpoint)
+
+
+def directory_problem(directory: object) -> str | None:
+    """The reference's checks of the key directory and its messages, word for word."""
+    try:
+        mode = os.stat(str(directory)).st_mode
+    except OSError as error:
+        return f"Error calling stat() on path: {directory}: {error.strerror}"
+    if mode & _S_IFMT != _S_IFDIR:
+        return f"Path is not a directory: {directory}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_intermixed_args(argv)
-    if not args.directory.is_dir():
-        print(f"Error calling stat() on path: {args.directory}: not a directory", file=sys.stderr)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    plain = inetd_arguments(arguments)
+    if plain is not None:
+        directory, endpoint = plain
+        problem = directory_problem(directory)
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return 1
+        if handoff.stdin_is_socket() and handoff.hand_over(directory, endpoint):
+            return 0  # a running server has the connection
+    args = parser().parse_intermixed_args(arguments)
+    problem = directory_problem(args.directory)
+    if problem is not None:
+        print(problem, file=sys.stderr)
         return 1
+    inetd = plain is None and not args.listen
+    if inetd and handoff.stdin_is_socket() and handoff.hand_over(str(args.directory), args.endpoint):
+        return 0
+    from . import server
+    from .settings import Settings
+
     settings = Settings(
         keys_dir=args.directory,
         host="0.0.0.0",  # noqa: S104 - the reference binds every address
