@@ -14,7 +14,11 @@ from pathlib import Path
 from .support import Server, free_port
 
 #: What a server says when another process took its port between our choice and its bind.
-_COLLISION = ("Address already in use", "[Errno 98]")
+_COLLISION = ("address already in use", "[errno 98]")
+
+
+class PortTaken(RuntimeError):
+    """The port given to `launched` was taken by another process."""
 
 
 def connectable(host: str, port: int) -> bool:
@@ -42,26 +46,30 @@ def launched(
     host: str = "127.0.0.1",
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
+    port: int | None = None,
 ) -> Iterator[Server]:
-    """Run `command(port)` on a free port until it listens on `host`; on a port collision, again on another."""
+    """Run `command(port)` on a free port until it listens on `host`; on a port collision, again on another.
+    With `port` given, only on that one (PortTaken on a collision)."""
     for _ in range(5):
-        port = free_port()
+        port_now = free_port() if port is None else port
         with log.open("wb") as out:
-            process = subprocess.Popen(command(port), stdout=out, stderr=subprocess.STDOUT, env=env,
+            process = subprocess.Popen(command(port_now), stdout=out, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + timeout
-        while process.poll() is None and not connectable(host, port):
+        while process.poll() is None and not connectable(host, port_now):
             if time.monotonic() > deadline:
                 _stop(process)
-                raise TimeoutError(f"nothing listening on {host}:{port}: {log.read_text(errors='replace')}")
+                raise TimeoutError(f"nothing listening on {host}:{port_now}: {log.read_text(errors='replace')}")
             time.sleep(0.05)
         if process.poll() is not None:
             text = log.read_text(errors="replace")
-            if any(marker in text for marker in _COLLISION):
+            if any(marker in text.lower() for marker in _COLLISION):
+                if port is not None:
+                    raise PortTaken(text)
                 continue  # somebody else's port by now: choose again
             raise RuntimeError(f"server exited with {process.returncode}: {text}")
         try:
-            yield Server(f"http://{host}:{port}", port, process, log)
+            yield Server(f"http://{host}:{port_now}", port_now, process, log)
         finally:
             _stop(process)
         return

@@ -246,7 +246,9 @@ def parser() -> argparse.ArgumentParser:
     checking.add_argument("--rounds", type=positive, default=3)
     checking.add_argument("--timeout", type=float, default=10.0)
 
-    show = commands.add_parser("show-keys", help="print the S256 thumbprints of the advertised signing keys")
+    show = commands.add_parser(
+        "show-keys", help="print the S256 thumbprints of the advertised signing keys (signatures verified first)"
+    )
     show.add_argument("url", nargs="?", default=f"http://127.0.0.1:{DEFAULT_PORT}")
     return top
 
@@ -411,10 +413,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ok: advertisement signed by {' '.join(result.signing_kids)}; "
               f"{result.checked} recoveries through /rec/{result.exchange_kid} gave the bound key")  # fmt: skip
     elif args.command == "show-keys":
+        from .check import CheckFailed, verified_keys
+
         try:
-            for thumbprint in client.verify_key_thumbprints(client.fetch_advertisement(args.url)):
+            # Verified first: a thumbprint printed here is one to pin, and clevis refuses a badly signed advertisement.
+            document = client.fetch_advertisement(args.url)
+            verified_keys(document)
+            for thumbprint in client.verify_key_thumbprints(document):
                 print(thumbprint)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, CheckFailed) as exc:
             print(f"tang-server show-keys: {exc}", file=sys.stderr)
             return 1
     return 0

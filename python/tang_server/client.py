@@ -10,7 +10,7 @@ from . import b64, jwk
 
 
 def fetch_advertisement(url: str, timeout: float = 10.0) -> dict[str, Any]:
-    """GET `{url}/adv` and return the JWS document (not verified: `show-keys` only lists thumbprints)."""
+    """GET `{url}/adv` and return the JWS document (not verified here: see `check.verified_keys`)."""
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"not an http(s) URL: {url}")
     with urllib.request.urlopen(f"{url.rstrip('/')}/adv", timeout=timeout) as response:  # noqa: S310
