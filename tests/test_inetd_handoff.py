@@ -1,0 +1,182 @@
+"""`tangd` in inetd mode hands its connection to a running `tang-server serve` for the same keys, else serves it.
+
+The launchers are the real ones: `systemd-socket-activate -a --inetd` (what a systemd `Accept=yes` unit does: the
+TCP connection as standard input and output, one process per connection) and `socat ... EXEC:` (one end of a
+socket pair). Which process served a request is read from the access logs: the server's own log, and the
+launcher's, which holds the standard error of every `tangd` it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .support import BIN, Server, free_port, load_keys, our_server, parse_response, running, serve_command, thumbprint
+from .test_systemd import _clevis_round_trip
+
+DEADLINE = 60.0  # bounds a hang, never a speed
+TANGD = str(BIN / "tangd")
+ADV = b"GET /adv HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def _launcher(kind: str, keys: Path, port: int) -> list[str]:
+    if kind == "systemd-socket-activate":
+        return ["systemd-socket-activate", "-a", "--inetd", "-l", f"127.0.0.1:{port}", TANGD, str(keys)]
+    return ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"EXEC:{TANGD} {keys}"]
+
+
+@contextlib.contextmanager
+def _launched(kind: str, keys: Path, log: Path) -> Iterator[Server]:
+    port = free_port()
+    with running(_launcher(kind, keys, port), port, log) as launcher:
+        yield launcher
+
+
+@contextlib.contextmanager
+def _maybe_server(running_server: bool, keys: Path, log: Path) -> Iterator[Server | None]:
+    if not running_server:
+        yield None
+        return
+    with our_server(keys, log, "--drain-seconds", "0.5") as server:
+        _wait_for(lambda: _control_socket(server) is not None, "the server never offered hand-overs")
+        yield server
+
+
+def _control_socket(server: Server) -> Path | None:
+    """Where the server says it takes connections from tangd (its own log, not our computation)."""
+    found = re.search(r"taking connections from tangd on (\S+)", server.log_text())
+    return Path(found.group(1)) if found else None
+
+
+def _wait_for(condition: object, message: str) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.05)
+
+
+def _recoveries(log: Path) -> int:
+    return len(re.findall(r'"POST /rec/\S+ HTTP/1\.1" 200 ', log.read_text(errors="replace")))
+
+
+def _adv(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as conn:
+        conn.sendall(ADV)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("kind", ["systemd-socket-activate", "socat"])
+@pytest.mark.parametrize("with_server", [True, False], ids=["server-running", "server-absent"])
+def test_clevis_round_trip_through_inetd_launchers(keys: Path, tmp_path: Path, kind: str, with_server: bool) -> None:
+    server_log, launcher_log = tmp_path / "server.log", tmp_path / "launcher.log"
+    with _maybe_server(with_server, keys, server_log) as server, _launched(kind, keys, launcher_log) as launcher:
+        _clevis_round_trip(launcher.port)
+        if server is not None:
+            # The server answered the recovery (its log shows it; its access log is flushed within 0.2 s) ...
+            _wait_for(lambda: _recoveries(server_log) == 1, "the running server did not serve the recovery")
+        else:
+            _wait_for(lambda: _recoveries(launcher_log) == 1, "tangd did not serve the recovery")
+    # ... and tangd did not, which has nothing of its own to log when it hands over.
+    assert _recoveries(launcher_log) == (0 if with_server else 1), launcher_log.read_text()
+
+
+def test_control_socket_is_0600_where_the_documented_rule_puts_it(keys: Path, tmp_path: Path) -> None:
+    with our_server(keys, tmp_path / "server.log") as server:
+        _wait_for(lambda: _control_socket(server) is not None, "no control socket announced")
+        path = _control_socket(server)
+        assert path is not None
+        status = os.stat(path)
+        assert stat.S_ISSOCK(status.st_mode)
+        assert stat.S_IMODE(status.st_mode) == 0o600
+        digest = hashlib.sha256(os.fsencode(os.path.realpath(keys))).hexdigest()[:32]
+        runtime = "/run/tang-server" if os.geteuid() == 0 else None
+        assert path.name == f"handoff-{digest}.sock"
+        if runtime is not None and "RUNTIME_DIRECTORY" not in os.environ:
+            assert str(path.parent) == runtime
+    assert not path.exists(), "a stopped server leaves its control socket behind"
+
+
+def test_stale_socket_file_falls_back_to_serving_locally(keys: Path, tmp_path: Path) -> None:
+    """A server killed with SIGKILL leaves its socket file: tangd must serve the connection itself, at once."""
+    port = free_port()
+    with running(serve_command(keys, port), port, tmp_path / "server.log") as server:
+        _wait_for(lambda: _control_socket(server) is not None, "no control socket announced")
+        path = _control_socket(server)
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait(DEADLINE)
+    assert path is not None and path.exists(), "the test needs the stale file a killed server leaves"
+    launcher_log = tmp_path / "launcher.log"
+    with _launched("systemd-socket-activate", keys, launcher_log) as launcher:
+        answer = parse_response(_adv(launcher.port))
+        assert answer.status == 200
+        _clevis_round_trip(launcher.port)
+        _wait_for(lambda: _recoveries(launcher_log) == 1, "tangd did not serve the recovery itself")
+    path.unlink()
+
+
+def test_socket_of_another_key_directory_is_refused(keys: Path, tmp_path: Path) -> None:
+    """A server for other keys must not answer for these: tangd pointed at its socket serves the keys it was given."""
+    other = tmp_path / "other"
+    subprocess.run([str(BIN / "tang-server"), "keygen", str(other)], check=True, capture_output=True)
+    with our_server(other, tmp_path / "server.log") as server:
+        _wait_for(lambda: _control_socket(server) is not None, "no control socket announced")
+        env = dict(os.environ, TANG_HANDOFF_SOCKET=str(_control_socket(server)))
+        port = free_port()
+        command = _launcher("systemd-socket-activate", keys, port)
+        command[1:1] = ["-E", "TANG_HANDOFF_SOCKET"]  # passed on to tangd
+        with running(command, port, tmp_path / "launcher.log", env=env) as launcher:
+            body = json.loads(parse_response(_adv(launcher.port)).body)
+    advertised = json.loads(_b64decode(body["payload"]))["keys"]
+    signing, exchange = load_keys(keys)
+    assert {thumbprint(key) for key in advertised} == {thumbprint(signing), thumbprint(exchange)}
+
+
+def _b64decode(text: str) -> bytes:
+    import base64
+
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def test_no_request_lost_while_the_server_stops(keys: Path, tmp_path: Path) -> None:
+    """SIGTERM while connections keep arriving: each one is answered, by the server or by tangd itself."""
+    launcher_log = tmp_path / "launcher.log"
+    answers: list[int] = []
+    failures: list[str] = []
+    with our_server(keys, tmp_path / "server.log", "--drain-seconds", "0.3") as server:
+        _wait_for(lambda: _control_socket(server) is not None, "no control socket announced")
+        with _launched("systemd-socket-activate", keys, launcher_log) as launcher:
+
+            def client() -> None:
+                for _ in range(12):
+                    try:
+                        answers.append(parse_response(_adv(launcher.port)).status)
+                    except (OSError, ValueError, IndexError) as exc:
+                        failures.append(repr(exc))
+
+            clients = [threading.Thread(target=client) for _ in range(3)]
+            for thread in clients:
+                thread.start()
+            _wait_for(lambda: len(answers) >= 6, "no answers before the signal")
+            server.process.send_signal(signal.SIGTERM)
+            for thread in clients:
+                thread.join(DEADLINE)
+            assert server.process.wait(DEADLINE) == 0
+    assert failures == []
+    assert answers == [200] * 36
