@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,24 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from tang_server import b64, keyfiles
 
-from .support import our_server, request, require_tools, thumbprint
+from .reference import (
+    directory_without_keygen,
+    http,
+    jose_exchange,
+    jose_thumbprint,
+    pair,
+    reference_server_without_keygen,
+)
+from .support import (
+    Server,
+    client_key,
+    load_keys,
+    our_server,
+    reference_server,
+    request,
+    require_tools,
+    thumbprint,
+)
 
 HASHES = ["S1", "S224", "S256", "S384", "S512"]
 
@@ -59,8 +78,8 @@ def directory(tmp_path: Path) -> dict[str, Any]:
     keys_dir = tmp_path / "keys"
     keys_dir.mkdir()
     pairs = [keyfiles.generate_pair() for _ in range(3)]
-    for index, pair in enumerate(pairs):
-        for key in pair:
+    for index, keys in enumerate(pairs):
+        for key in keys:
             keyfiles.write_key(keys_dir, keyfiles.key_file_name(key, hidden=index == 2), key)
     return {"path": keys_dir, "visible": pairs[:2], "hidden": pairs[2]}
 
@@ -84,31 +103,43 @@ def test_default_advertisement_signed_by_every_visible_signing_key(directory: di
         }
 
 
-@pytest.mark.parametrize("hash_name", HASHES)
-def test_advertisement_for_hidden_signing_key_adds_its_signature(
-    directory: dict[str, Any], tmp_path: Path, hash_name: str
-) -> None:
+def _advertised(document: dict[str, Any]) -> list[str]:
+    return sorted(json.dumps(key, sort_keys=True) for key in json.loads(b64.decode(document["payload"]))["keys"])
+
+
+def test_advertisement_by_key_id_of_every_hash_as_the_reference(directory: dict[str, Any], tmp_path: Path) -> None:
+    """Key ids computed by jose (`jose jwk thp -a`) for each hash, of a hidden and of a visible signing key: ours
+    and the reference both answer with the same keys, signed by every visible signing key plus the one named."""
+    visible = [keys[0] for keys in directory["visible"]]
     hidden = directory["hidden"][0]
-    all_signing = [pair[0] for pair in directory["visible"]] + [hidden]
-    with our_server(directory["path"], tmp_path / "log") as server:
-        response = request(server.port, "GET", f"/adv/{thumbprint(hidden, hash_name)}")
-        default = json.loads(request(server.port, "GET", "/adv").body)
-    assert response.status == 200
-    document = json.loads(response.body)
-    assert document["payload"] == default["payload"]  # same payload, one more signer
-    assert sorted(signers(document, all_signing)) == sorted(thumbprint(k) for k in all_signing)
+    with pair(directory["path"], tmp_path / "logs") as both:
+        default = json.loads(request(both.ours.port, "GET", "/adv").body)
+        for key, hash_name in itertools.product([hidden, visible[0]], HASHES):
+            target = f"/adv/{jose_thumbprint(key, hash_name)}"
+            for server in (both.ours, both.reference):
+                response = request(server.port, "GET", target)
+                assert response.status == 200, (target, server.url)
+                document = json.loads(response.body)
+                assert _advertised(document) == _advertised(default)  # hidden keys never advertised
+                assert sorted(signers(document, [*visible, hidden])) == sorted(thumbprint(k) for k in [*visible, key])
+                if server is both.ours:  # ours signs the very payload of the default advertisement
+                    assert document["payload"] == default["payload"]
+            ours, theirs = both.send(http("GET", f"/adv/{jose_thumbprint(directory['hidden'][1], hash_name)}"))
+            assert ours.status == theirs.status == 404  # an exchange key's id
 
 
 def test_single_signer_is_flattened_and_thp_variant_is_general(keys: Path, tmp_path: Path) -> None:
+    """As the reference: one signature is flattened; `/adv/{thp}` of the visible key is the visible signers plus
+    the requested key, so the visible key signs twice, in the general serialization."""
     signing = next(json.loads(p.read_text()) for p in keys.glob("*.jwk") if "sign" in p.read_text())
-    with our_server(keys, tmp_path / "log") as server:
-        flat = json.loads(request(server.port, "GET", "/adv").body)
-        by_thp = json.loads(request(server.port, "GET", f"/adv/{thumbprint(signing, 'S1')}").body)
-    assert set(flat) == {"payload", "protected", "signature"}
-    assert signers(flat, [signing]) == [thumbprint(signing)]
-    # As the reference: the visible signers plus the requested key, so a visible key signs twice.
-    assert set(by_thp) == {"payload", "signatures"}
-    assert signers(by_thp, [signing]) == [thumbprint(signing)] * 2
+    with pair(keys, tmp_path / "logs") as both:
+        for server in (both.ours, both.reference):
+            flat = json.loads(request(server.port, "GET", "/adv").body)
+            by_thp = json.loads(request(server.port, "GET", f"/adv/{jose_thumbprint(signing, 'S1')}").body)
+            assert set(flat) == {"payload", "protected", "signature"}, server.url
+            assert signers(flat, [signing]) == [thumbprint(signing)]
+            assert set(by_thp) == {"payload", "signatures"}, server.url
+            assert signers(by_thp, [signing]) == [thumbprint(signing)] * 2
 
 
 def test_jose_verifies_advertisement(keys: Path, tmp_path: Path) -> None:
@@ -128,14 +159,66 @@ def test_jose_verifies_advertisement(keys: Path, tmp_path: Path) -> None:
     assert subprocess.run(verify, capture_output=True).returncode != 0  # the check can fail
 
 
-def test_only_hidden_keys_without_keygen_is_500_but_rec_works(keys: Path, tmp_path: Path) -> None:
+def _hide_all(keys: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    signing, exchange = load_keys(keys)
     for path in list(keys.glob("*.jwk")):
         path.rename(keys / f".{path.name}")
-    signing = next(json.loads(p.read_text()) for p in keys.glob(".*.jwk") if "sign" in p.read_text())
-    with our_server(keys, tmp_path / "log", "--no-auto-keygen") as server:
+    return signing, exchange
+
+
+def _visible_signing(directory: Path) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [json.loads(p.read_text()) for p in directory.glob("[!.]*.jwk")]
+    (key,) = [k for k in found if "sign" in k["key_ops"]]
+    return key
+
+
+def _hidden_pair_works(server: Server, signing: dict[str, Any], exchange: dict[str, Any]) -> None:
+    """The hidden pair still answers: its advertisement, and a recovery byte for byte as jose computes it."""
+    assert request(server.port, "GET", f"/adv/{jose_thumbprint(signing)}").status == 200
+    client = client_key()
+    response = request(server.port, "POST", f"/rec/{jose_thumbprint(exchange)}", json.dumps(client).encode())
+    assert (response.status, response.body) == (200, jose_exchange(exchange, client)), server.url
+
+
+def test_only_hidden_keys_without_keygen_is_500_but_rec_works(keys: Path, tmp_path: Path) -> None:
+    """Deliberate difference: with every key hidden and no key generation, `/adv` is 500 as with the reference,
+    but the hidden pair keeps answering `/adv/{thp}` and `/rec`, so machines bound to it still unlock. The
+    reference has no way to turn generation off; when it cannot write the pair it wants, it answers every request
+    500, the hidden pair's recoveries included."""
+    signing, exchange = _hide_all(keys)
+    files = {path.name: path.read_bytes() for path in keys.iterdir()}
+    with (
+        directory_without_keygen(files) as directory,
+        our_server(directory, tmp_path / "log", "--no-auto-keygen") as server,
+        reference_server_without_keygen(directory, tmp_path / "reference.log") as reference,
+    ):
         assert request(server.port, "GET", "/adv").status == 500
-        assert request(server.port, "GET", f"/adv/{thumbprint(signing)}").status == 200
+        _hidden_pair_works(server, signing, exchange)
         assert "no visible signing key" in server.log_text()
+        body = json.dumps(client_key()).encode()
+        assert request(reference.port, "GET", "/adv").status == 500
+        assert request(reference.port, "GET", f"/adv/{jose_thumbprint(signing)}").status == 500
+        assert request(reference.port, "POST", f"/rec/{jose_thumbprint(exchange)}", body).status == 500
+        assert sorted(p.name for p in directory.iterdir()) == sorted(files)  # neither wrote a key
+
+
+def test_only_hidden_keys_with_keygen_as_the_reference(keys: Path, tmp_path: Path) -> None:
+    """With generation on (the default, and the reference's only way), both make a fresh visible pair at the
+    first request and serve it, and the hidden pair keeps answering. Each server gets its own copy of the
+    directory, since each writes its own pair."""
+    signing, exchange = _hide_all(keys)
+    copies = {name: tmp_path / name for name in ("ours", "reference")}
+    for copy in copies.values():
+        shutil.copytree(keys, copy)
+    with (
+        our_server(copies["ours"], tmp_path / "ours.log") as server,
+        reference_server(copies["reference"], tmp_path / "reference.log") as reference,
+    ):
+        for each in (server, reference):
+            document = json.loads(request(each.port, "GET", "/adv").body)
+            new_signing = _visible_signing(copies["ours" if each is server else "reference"])
+            assert signers(document, [new_signing, signing]) == [thumbprint(new_signing)]
+            _hidden_pair_works(each, signing, exchange)
 
 
 def test_only_signing_key_is_served_with_a_warning(tmp_path: Path) -> None:
