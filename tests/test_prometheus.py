@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tang_server import keyfiles
-from tang_server.keyset import load_keyset
+from tang_server.keyset import KeyKind, load_keyset
 
+from . import promql
 from .support import Server, client_key, free_port, load_keys, our_server, request, require_tools, running, thumbprint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,19 +121,150 @@ def test_alert_rules_check_and_unit_tests() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_alert_unit_tests_can_fail(tmp_path: Path) -> None:
-    """Break the divergence rule's grace period: the unit tests must notice."""
+def test_every_alert_has_a_unit_test_that_fires_it() -> None:
+    rules = yaml.safe_load((RULES / "tang-alerts.yml").read_text())
+    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+    tests = yaml.safe_load((RULES / "tang-alerts.test.yml").read_text())["tests"]
+    fired = {case["alertname"] for test in tests for case in test["alert_rule_test"] if case["exp_alerts"]}
+    assert alerts == fired
+
+
+def _slow_recovery_rule(rules: str) -> tuple[int, int]:
+    start = rules.index("- alert: TangSlowRecovery")
+    return start, rules.index("- alert:", start + 1)
+
+
+@pytest.mark.parametrize(
+    ("rule", "old", "new"),
+    [
+        ("TangKeySetDivergence", "for: 5m", "for: 1m"),  # no grace period for rotations
+        ("TangSlowRecovery", "for: 10m", "for: 1m"),  # a short spike would fire
+        ("TangSlowRecovery", "> 0.1", "> 0.3"),  # a threshold the slow recoveries stay under
+        ("TangSlowRecovery", '{route="/rec/{thp}"}', ""),  # slow /adv would count
+        ("TangSlowRecovery", "sum by (job, le)", "sum by (le)"),  # jobs mixed, job label lost
+        ("TangSlowRecovery", "0.99", "0.5"),  # the median instead of p99
+    ],
+)
+def test_alert_unit_tests_can_fail(tmp_path: Path, rule: str, old: str, new: str) -> None:
+    """Break one rule: its unit tests must notice."""
     require_tools("promtool")
-    for name in ("tang-alerts.yml", "tang-alerts.test.yml"):
-        (tmp_path / name).write_text((RULES / name).read_text())
-    rules = tmp_path / "tang-alerts.yml"
-    rules.write_text(rules.read_text().replace("for: 5m", "for: 1m", 1))
-    result = subprocess.run(["promtool", "test", "rules", "tang-alerts.test.yml"], cwd=tmp_path, capture_output=True)
-    assert result.returncode != 0
+    # Only the unit tests of that rule (the whole file takes a while: some tests span weeks).
+    tests = yaml.safe_load((RULES / "tang-alerts.test.yml").read_text())
+    tests["tests"] = [t for t in tests["tests"] if any(c["alertname"] == rule for c in t["alert_rule_test"])]
+    (tmp_path / "tang-alerts.test.yml").write_text(yaml.safe_dump(tests))
+    rules = (RULES / "tang-alerts.yml").read_text()
+    start = rules.index(f"- alert: {rule}")
+    end = rules.find("- alert:", start + 1) % (len(rules) + 1)
+    assert old in rules[start:end]
+
+    def promtool(rules: str) -> int:
+        (tmp_path / "tang-alerts.yml").write_text(rules)
+        return subprocess.run(["promtool", "test", "rules", "tang-alerts.test.yml"], cwd=tmp_path).returncode
+
+    assert promtool(rules) == 0  # the selected tests pass as they are
+    assert promtool(rules[:start] + rules[start:end].replace(old, new, 1) + rules[end:]) != 0
 
 
-def test_dashboard_is_valid_json_using_our_metrics() -> None:
+def _expressions() -> dict[str, str]:
+    """Every PromQL expression the alerts and the dashboard use, by where it is."""
+    found = {}
+    for group in yaml.safe_load((RULES / "tang-alerts.yml").read_text())["groups"]:
+        for rule in group["rules"]:
+            found[f"alert {rule['alert']}"] = rule["expr"]
+
+    def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for panel in items:
+            yield panel
+            yield from panels(panel.get("panels", []))
+
     dashboard = json.loads((RULES / "tang-dashboard.json").read_text())
-    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-    assert any("tang_keyset_info" in e for e in expressions)
-    assert os.path.getsize(RULES / "tang-dashboard.json") > 1000
+    for panel in panels(dashboard["panels"]):
+        for index, target in enumerate(panel.get("targets", [])):
+            found[f"panel {panel['title']!r} target {index}"] = target["expr"]
+    return found
+
+
+#: Labels Prometheus adds to every series it scrapes.
+TARGET_LABELS = {"job", "instance"}
+
+
+def unexported(expressions: dict[str, str], exported: dict[str, dict[str, set[str]]]) -> list[str]:
+    """What the expressions ask for that the scraped server does not export: metric names, label names, and the
+    values of exact matchers (`$variables` and regular expressions aside)."""
+    problems = []
+    for where, text in expressions.items():
+        expression = promql.parse(text)
+        if not expression.selectors:
+            problems.append(f"{where}: uses no metric")
+        available = set(TARGET_LABELS)
+        for selector in expression.selectors:
+            labels = exported.get(selector.metric)
+            if labels is None:
+                problems.append(f"{where}: {selector.metric} is not exported")
+                continue
+            available |= set(labels)
+            for label, (operator, value) in selector.matchers.items():
+                if label in TARGET_LABELS:
+                    continue
+                if label not in labels:
+                    problems.append(f"{where}: {selector.metric} has no label {label}")
+                elif operator == "=" and "$" not in value and value not in labels[label]:
+                    problems.append(f"{where}: {selector.metric} never has {label}={value!r}")
+        problems += [f"{where}: no metric it uses has the label {label}" for label in expression.grouping - available]
+    return problems
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, set[str]]]:
+    """The series a live server exports after real traffic: sample name -> label -> values seen."""
+    base = tmp_path_factory.mktemp("exported")
+    keys = base / "keys"
+    keyfiles.generate_keys(keys)
+    _, old_exchange = load_keys(keys)
+    keyfiles.rotate(keys)  # a hidden pair, as after any rotation
+    new_exchange = next(key for key in load_keyset(keys).visible if key.kind is KeyKind.EXCHANGE)
+    body = json.dumps(client_key()).encode()
+    with our_server(keys, base / "server.log", "--usage-flush-seconds", "0.1", workers=2) as server:
+        assert request(server.port, "GET", "/adv").status == 200
+        for kid in (thumbprint(old_exchange), new_exchange.kid):
+            assert request(server.port, "POST", f"/rec/{kid}", body).status == 200
+        assert request(server.port, "POST", f"/rec/{thumbprint(client_key())}", body).status == 404
+        assert request(server.port, "GET", "/nope").status == 404
+
+        def scrape() -> dict[str, dict[str, set[str]]]:
+            response = request(server.port, "GET", "/metrics")
+            assert response.status == 200
+            samples: dict[str, dict[str, set[str]]] = {}
+            for family in text_string_to_metric_families(response.body.decode()):
+                for sample in family.samples:
+                    labels = samples.setdefault(sample.name, {})
+                    for label, value in sample.labels.items():
+                        labels.setdefault(label, set()).add(value)
+            return samples
+
+        # Recovery counts per key are written in batches: wait until both recoveries are in.
+        eventually(lambda: len(scrape().get("tang_recoveries_total", {}).get("kid", ())) == 2)
+        return scrape()
+
+
+def test_alerts_and_dashboard_use_only_exported_series(exported: dict[str, dict[str, set[str]]]) -> None:
+    expressions = _expressions()
+    assert {f"alert {name}" for name in ("TangSlowRecovery", "TangKeySetDivergence")} <= set(expressions)
+    assert unexported(expressions, exported) == []
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("tang_keyset_info", "tang_keyset_infos"),  # a metric name
+        ('route="/rec/{thp}"', 'route="/rec/{kid}"'),  # a label value never exported
+        ('visibility="hidden"', 'hidden="true"'),  # a label never exported
+        ("sum by (kid, visibility)", "sum by (key, visibility)"),  # grouping by a label no metric has
+    ],
+)
+def test_exported_series_check_can_fail(exported: dict[str, dict[str, set[str]]], old: str, new: str) -> None:
+    expressions = _expressions()
+    broken = {where: text.replace(old, new) for where, text in expressions.items() if old in text}
+    assert broken
+    problems = unexported(broken, exported)
+    assert all(any(problem.startswith(f"{where}: ") for problem in problems) for where in broken), problems
