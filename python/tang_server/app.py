@@ -1,9 +1,10 @@
-"""The HTTP application: the Tang routes, matched the way the reference server matches them.
+"""The HTTP application: requests to answers, for both request paths.
 
-The reference matches regular expressions against the raw request target (no percent-decoding, query string
-included), with elastic slashes and no redirects; a path that matches a route with the wrong method is 405;
-anything else is 404; error responses have empty bodies. Starlette's own path routing decodes and normalises
-paths, so the Tang routes are `TangRoute`s that implement exactly the reference's rule.
+`routing.py` maps every request to a route (or to 404/405). Each route has one function that turns a `Request`
+into an `Answer`: the Tang routes synchronously from a key set, so that the protocol can answer them on its direct
+path (`direct.py`) with the same code as the ASGI path here; the operational endpoints asynchronously. The access
+policy and backpressure (`refusal`) are decided before a body is read; transport limits (408, 414, 431) are the
+protocol's; the body limit (413) is decided here for both paths (`framed_by_length` on the direct path).
 """
 
 from __future__ import annotations
@@ -12,15 +13,13 @@ import asyncio
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from starlette.datastructures import URLPath
-from starlette.routing import BaseRoute, Match, NoMatchFound, Router
 from starlette.types import Message, Receive, Scope, Send
 
 from .accesslog import AccessLog
@@ -28,7 +27,8 @@ from .clientaddress import allowed, client_address, parse_networks
 from .keyset import KeySet
 from .keystore import KeyStore
 from .recovery import recover
-from .responses import ADVERTISEMENT_TYPE, JSON_TYPE, RECOVERY_TYPE, Answer, reply, send_answer
+from .responses import ADVERTISEMENT_TYPE, JSON_TYPE, RECOVERY_TYPE, Answer, send_answer
+from .routing import Match, Route, route_table
 from .settings import Settings
 from .usage import Usage
 
@@ -39,26 +39,32 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER = ((b"retry-after", b"1"),)
 
-Handler = Callable[[Scope, Receive, Send, str], Awaitable[None]]
-
 #: uvicorn puts the request target exactly as received here (see `protocol.py`).
 RAW_TARGET_EXTENSION = "tang.raw_target"
 #: ... and the time.monotonic() when the request's headers were complete, to see how long it queued.
 ARRIVAL_EXTENSION = "tang.arrival"
 
 
-#: Where the matched route's template is left for the metrics.
-ROUTE_KEY = "tang.route"
+@dataclass(slots=True)
+class Request:
+    method: str
+    target: bytes
+    http_version: str
+    #: The client's address (through trusted proxies), for the access policy, the ledger and the log.
+    client: str
+    #: time.monotonic() when the headers were complete; None when unknown (backpressure then never refuses).
+    arrival: float | None
+    #: Only the general path's operational endpoints need headers.
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
 
-#: Where the application keeps the target once computed, so that each route does not compute it again.
-TARGET_KEY = "tang.target"
+
+TangHandler = Callable[[Request, str, KeySet], Answer]
+Endpoint = Callable[[Request], Awaitable[Answer]]
 
 
 def request_target(scope: Scope) -> bytes:
     """The request target as the client sent it; reconstructed when the server did not provide it."""
-    cached = scope.get(TARGET_KEY)
-    if cached is not None:
-        return bytes(cached)
     raw = scope.get("extensions", {}).get(RAW_TARGET_EXTENSION)
     if raw is not None:
         return bytes(raw)
@@ -66,40 +72,8 @@ def request_target(scope: Scope) -> bytes:
     return bytes(scope.get("raw_path") or scope["path"].encode()) + (b"?" + query if query else b"")
 
 
-class TangRoute(BaseRoute):
-    """One row of the route table: a regular expression over the raw target, one method, one handler."""
-
-    def __init__(self, name: str, pattern: str, method: str, handler: Handler) -> None:
-        self.name = name  # the route template, as metrics label it (never the key id: unbounded cardinality)
-        self.pattern = re.compile(pattern.encode())
-        self.method = method
-        self.handler = handler
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        if scope["type"] != "http":
-            return Match.NONE, {}
-        found = self.pattern.fullmatch(request_target(scope))
-        if found is None:
-            return Match.NONE, {}
-        child = {"path_params": {"thp": found.group(1).decode() if found.groups() else ""}, ROUTE_KEY: self.name}
-        return (Match.FULL if scope["method"] == self.method else Match.PARTIAL), child
-
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] != self.method:
-            await reply(send, HTTPStatus.METHOD_NOT_ALLOWED)
-            return
-        await self.handler(scope, receive, send, scope["path_params"]["thp"])
-
-    def url_path_for(self, name: str, /, **path_params: object) -> URLPath:  # pragma: no cover - unused
-        raise NoMatchFound(name, path_params)
-
-
-async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
-    await reply(send, HTTPStatus.NOT_FOUND)
-
-
 class TangApplication:
-    """Checks the request target's length, then dispatches through the route table."""
+    """The ASGI application, and the answers the protocol's direct path asks for (`direct.DirectAnswers`)."""
 
     def __init__(
         self,
@@ -136,31 +110,49 @@ class TangApplication:
             if settings.exchange_threads
             else None
         )
-        prefix = "/+" + re.escape(settings.prefix.strip("/")) if settings.prefix.strip("/") else ""
-        thp = "/+([0-9A-Za-z_-]+)"
-        #: The Tang routes proper, which the protocol may also answer directly (`direct_route`).
-        self.tang_routes = (
-            # Recovery first: in a boot storm it is most of the traffic and the router stops at a match.
-            TangRoute("/rec/{thp}", f"{prefix}/+rec{thp}", "POST", self.recover),
-            TangRoute("/adv", f"{prefix}/+adv/*", "GET", self.advertise),
-            TangRoute("/adv/{thp}", f"{prefix}/+adv{thp}", "GET", self.advertise),
-        )
-        self.router = Router(
-            routes=[
-                *self.tang_routes,
-                TangRoute("health", re.escape(settings.health_path), "GET", self.health),
-                TangRoute("ready", re.escape(settings.ready_path), "GET", self.ready),
-                TangRoute("metrics", re.escape(settings.metrics_path), "GET", self.expose_metrics),
-                TangRoute("status", re.escape(settings.status_path), "GET", self.status),
-            ],
-            redirect_slashes=False,  # clevis runs curl without -L: a redirect is a failed unlock
-            default=not_found,
-        )
+        self.routes = route_table(settings)
+        self.max_body_bytes = settings.max_body_bytes
+        #: The Tang routes' answers, from the request, its key id and a key set.
+        self.tang_handlers: dict[str, TangHandler] = {
+            "/rec/{thp}": self._recovery,
+            "/adv": self._advertisement,
+            "/adv/{thp}": self._advertisement,
+        }
+        self.endpoints: dict[str, Endpoint] = {
+            "health": self.health,
+            "ready": self.ready,
+            "metrics": self.expose_metrics,
+            "status": self.status,
+        }
+        #: With exchange threads the multiplication leaves the event loop: only the ASGI path can await it.
+        self.answers_directly = self.exchange_pool is None
+
+    # The direct path's interface (`direct.DirectAnswers`).
+
+    def dispatch(self, method: str, target: bytes) -> Match:
+        return self.routes.dispatch(method, target)
+
+    def client(self, peer: str | None, headers: Iterable[tuple[bytes, bytes]]) -> str:
+        return client_address(peer, forwarded_for(headers), self.trusted)
+
+    def answer(self, route: Route, thp: str, request: Request, keyset: KeySet) -> Answer:
+        """A Tang route's answer to a complete request, from `keyset` (which must include every change completed
+        before the request arrived)."""
+        return self.refusal(route, request) or self.tang_handlers[route.name](request, thp, keyset)
+
+    def record(self, route: str, request: Request, status: int, elapsed: float) -> None:
+        """Counts an answered request in the metrics and writes its access log line."""
+        if self.metrics is not None:
+            self.metrics.answered(route, request.method, status, elapsed)
+        if self.access_log is not None:
+            target = request.target[:256].decode("latin-1")
+            self.access_log.record(request.client, request.method, target, request.http_version, status, elapsed)
+
+    # The ASGI path.
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.router(scope, receive, send)
-            return
+            return  # lifespan is off; nothing else is served
         began = time.perf_counter()
         status = 0
 
@@ -170,113 +162,66 @@ class TangApplication:
                 status = message["status"]
             await send(message)
 
-        target = request_target(scope)
-        scope[TARGET_KEY] = target
+        peer = scope.get("client")
+        request = Request(
+            method=scope["method"],
+            target=request_target(scope),
+            http_version=scope.get("http_version", "1.1"),
+            client=self.client(peer[0] if peer else None, scope["headers"]),
+            arrival=scope.get("extensions", {}).get(ARRIVAL_EXTENSION),
+            headers=tuple(scope["headers"]),
+        )
+        match = self.dispatch(request.method, request.target)
         if self.metrics is not None:
             self.metrics.in_flight.inc()
         try:
-            if len(target) >= self.settings.max_target_bytes:
-                await reply(tracking_send, HTTPStatus.REQUEST_URI_TOO_LONG)
-            elif declared_length(scope["headers"]) >= self.settings.max_body_bytes:
-                finished = await _discard_body(receive)
-                await reply(tracking_send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, extra_headers=_closing(finished))
-            else:
-                await self.router(scope, receive, tracking_send)
+            await send_answer(tracking_send, await self._answer_general(match, request, receive))
         except Exception:
             # A bug must not become a response with a body (or a traceback): log it, answer an empty 500.
-            logger.exception("error answering %s", scope.get("method"))
+            logger.exception("error answering %s", request.method)
             if not status:
-                await reply(tracking_send, HTTPStatus.INTERNAL_SERVER_ERROR)
+                await send_answer(tracking_send, Answer(HTTPStatus.INTERNAL_SERVER_ERROR))
         finally:
-            self.record(
-                scope.get(ROUTE_KEY, "unmatched"),
-                scope["method"],
-                target,
-                scope.get("http_version", "1.1"),
-                self._client(scope),
-                status,
-                time.perf_counter() - began,
-            )
+            route = match.route.name if match.route is not None else "unmatched"
+            self.record(route, request, status, time.perf_counter() - began)
             if self.metrics is not None:
                 self.metrics.in_flight.dec()
 
-    def record(
-        self,
-        route: str,
-        method: str,
-        target: bytes,
-        http_version: str,
-        client: str,
-        status: int,
-        elapsed: float,
-    ) -> None:
-        """Counts an answered request in the metrics and writes its access log line."""
-        if self.metrics is not None:
-            self.metrics.answered(route, method, status, elapsed)
-        if self.access_log is not None:
-            self.access_log.record(client, method, target[:256].decode("latin-1"), http_version, status, elapsed)
-
-    def _client(self, scope: Scope) -> str:
-        peer = scope.get("client")
-        return client_address(peer[0] if peer else None, forwarded_for(scope["headers"]), self.trusted)
-
-    def direct_route(self, method: str, target: bytes) -> tuple[TangRoute, str] | None:
-        """The Tang route and key id of a request the protocol may answer without the ASGI machinery
-        (`answer_directly`); None when it must take the general path."""
-        if self.exchange_pool is not None or len(target) >= self.settings.max_target_bytes:
-            return None
-        for route in self.tang_routes:
-            found = route.pattern.fullmatch(target)
-            if found is not None:
-                if method != route.method:
-                    return None  # 405 on the general path
-                return route, found.group(1).decode() if found.groups() else ""
-        return None
-
-    def answer_directly(
-        self, route: TangRoute, thp: str, client: str, body: bytes, arrival: float, keyset: KeySet
-    ) -> Answer:
-        """The answer to a request for `direct_route`'s route, its body complete, with a fresh key set."""
-        if route.method == "GET":
-            return self._advertisement(client, thp, keyset)
-        return self._refusal(client, arrival) or self._recovery(thp, body, keyset, client)
-
-    async def advertise(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
-        await send_answer(send, self._advertisement(self._client(scope), thp, await self.store.current()))
-
-    def _advertisement(self, client: str, thp: str, keyset: KeySet) -> Answer:
-        if not allowed(client, self.may_advertise):
-            return Answer(HTTPStatus.FORBIDDEN)
-        body = keyset.advertisements.get(thp) if thp else keyset.default_advertisement
-        if body is not None:
-            return Answer(HTTPStatus.OK, body, ADVERTISEMENT_TYPE)
-        return Answer(HTTPStatus.NOT_FOUND if thp else HTTPStatus.INTERNAL_SERVER_ERROR)
-
-    async def recover(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
-        client = self._client(scope)
-        refusal = self._refusal(client, scope.get("extensions", {}).get(ARRIVAL_EXTENSION))
+    async def _answer_general(self, match: Match, request: Request, receive: Receive) -> Answer:
+        if declared_length(request.headers) >= self.max_body_bytes:  # before routing, as the reference
+            return _too_large(await _discard_body(receive))
+        if match.route is None:
+            return Answer(match.status)
+        if not match.route.tang:
+            return await self.endpoints[match.route.name](request)
+        refusal = self.refusal(match.route, request)
         if refusal is not None:
-            await send_answer(send, refusal)
-            return
-        body, finished = await _read_body(receive, self.settings.max_body_bytes)
+            return refusal
+        handler = self.tang_handlers[match.route.name]
+        if match.route.method == "GET":
+            return handler(request, match.thp, await self.store.current())
+        body, finished = await _read_body(receive, self.max_body_bytes)
         if body is None:
-            await reply(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, extra_headers=_closing(finished))
-            return
+            return _too_large(finished)
+        request.body = body
         keyset = await self.store.current()
         if self.exchange_pool is None:
-            await send_answer(send, self._recovery(thp, body, keyset, client))
-            return
+            return handler(request, match.thp, keyset)
         # The multiplication releases the GIL, so pool threads can use other cores.
         loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(self.exchange_pool, self._recovery, thp, body, keyset, client)
-        await send_answer(send, answer)
+        return await loop.run_in_executor(self.exchange_pool, handler, request, match.thp, keyset)
 
-    def _refusal(self, client: str, arrival: float | None) -> Answer | None:
-        """Why a recovery is refused before its body is even read, if it is."""
-        if not allowed(client, self.may_recover):
+    # The Tang routes.
+
+    def refusal(self, route: Route, request: Request) -> Answer | None:
+        """Why a Tang request is refused before its body is even read, if it is: the access policy, then
+        backpressure."""
+        if route.method == "GET":
+            return None if allowed(request.client, self.may_advertise) else Answer(HTTPStatus.FORBIDDEN)
+        if not allowed(request.client, self.may_recover):
             # NBDE's security rests on who can reach the server: outside the listed networks, no unlock.
             return Answer(HTTPStatus.FORBIDDEN)
-        if self._overloaded(arrival):
+        if self._overloaded(request.arrival):
             # Waited too long already: say so at once (clevis retries) rather than add this multiplication to
             # the queue that every later request waits behind.
             if self.metrics is not None:
@@ -284,24 +229,38 @@ class TangApplication:
             return Answer(HTTPStatus.SERVICE_UNAVAILABLE, extra_headers=RETRY_AFTER)
         return None
 
-    def _recovery(self, thp: str, body: bytes, keyset: KeySet, client: str) -> Answer:
+    def _advertisement(self, request: Request, thp: str, keyset: KeySet) -> Answer:
+        body = keyset.advertisements.get(thp) if thp else keyset.default_advertisement
+        if body is not None:
+            return Answer(HTTPStatus.OK, body, ADVERTISEMENT_TYPE)
+        return Answer(HTTPStatus.NOT_FOUND if thp else HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def _recovery(self, request: Request, thp: str, keyset: KeySet) -> Answer:
         began = time.perf_counter()
-        status, answer = recover(keyset, thp, body)
+        status, answer = recover(keyset, thp, request.body)
         if self.metrics is not None:
             self.metrics.exchange.observe(time.perf_counter() - began)
         if status == HTTPStatus.OK:
             key = keyset.find(thp)
             assert key is not None
-            self.usage.recovered(key, client)
+            self.usage.recovered(key, request.client)
         elif status == HTTPStatus.NOT_FOUND:  # a valid request whose key id matches no key
-            self.usage.unknown(thp, client)
+            self.usage.unknown(thp, request.client)
         return Answer(status, answer, RECOVERY_TYPE if status == HTTPStatus.OK else None)
 
-    async def health(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
-        """Liveness: the process answers. Deliberately independent of keys (a restart would not bring them)."""
-        await reply(send, HTTPStatus.OK, b'{"status":"ok"}', JSON_TYPE)
+    def _overloaded(self, arrival: float | None) -> bool:
+        """True when a request that arrived at `arrival` (time.monotonic()) has waited past --max-queue-ms."""
+        if not self.settings.max_queue_ms or arrival is None:
+            return False
+        return time.monotonic() - arrival > self.settings.max_queue_ms / 1000
 
-    async def ready(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
+    # The operational endpoints.
+
+    async def health(self, request: Request) -> Answer:
+        """Liveness: the process answers. Deliberately independent of keys (a restart would not bring them)."""
+        return Answer(HTTPStatus.OK, b'{"status":"ok"}', JSON_TYPE)
+
+    async def ready(self, request: Request) -> Answer:
         """Readiness: a key set that can serve clients (a visible signing and exchange key) is loaded, and the
         process is not draining (stopping: load balancers must send new requests elsewhere)."""
         keyset = await self.store.current(generate=False)  # a probe never generates keys; only Tang requests do
@@ -313,22 +272,14 @@ class TangApplication:
             "problems": list(keyset.problems),
             "directory_error": self.store.failure,
         }
-        status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
-        await reply(send, status, json.dumps(body, separators=(",", ":")).encode(), JSON_TYPE)
+        return Answer(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, _json(body), JSON_TYPE)
 
-    def _overloaded(self, arrival: float | None) -> bool:
-        """True when a request that arrived at `arrival` (time.monotonic()) has waited past --max-queue-ms."""
-        if not self.settings.max_queue_ms or arrival is None:
-            return False
-        return time.monotonic() - arrival > self.settings.max_queue_ms / 1000
-
-    async def expose_metrics(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
+    async def expose_metrics(self, request: Request) -> Answer:
         if self.metrics is None:
-            await reply(send, HTTPStatus.NOT_FOUND)
-            return
-        await self.metrics.expose(scope, receive, send)
+            return Answer(HTTPStatus.NOT_FOUND)
+        return self.metrics.exposition(request.headers)
 
-    async def status(self, scope: Scope, receive: Receive, send: Send, thp: str) -> None:
+    async def status(self, request: Request) -> Answer:
         """What this worker serves, for fleet tooling: public information only (thumbprints, never keys)."""
         keyset = await self.store.current(generate=False)
         body = {
@@ -343,7 +294,11 @@ class TangApplication:
             # Per-key recoveries of this replica (every worker): counts and times only, never client addresses.
             "usage": await asyncio.to_thread(self.usage.report),
         }
-        await reply(send, HTTPStatus.OK, json.dumps(body, separators=(",", ":")).encode(), JSON_TYPE)
+        return Answer(HTTPStatus.OK, _json(body), JSON_TYPE)
+
+
+def _json(body: object) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def forwarded_for(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -370,9 +325,9 @@ def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
 DISCARD_LIMIT = 1 << 20
 
 
-def _closing(finished: bool) -> list[tuple[bytes, bytes]] | None:
-    """The extra header of a 413: close the connection when the body was not read to its end."""
-    return None if finished else [(b"connection", b"close")]
+def _too_large(finished: bool) -> Answer:
+    """A 413; it closes the connection when the body was not read to its end."""
+    return Answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, extra_headers=() if finished else ((b"connection", b"close"),))
 
 
 async def _read_body(receive: Receive, limit: int) -> tuple[bytes | None, bool]:

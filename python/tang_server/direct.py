@@ -5,7 +5,7 @@ a task, an event, a scope, two messages each way and two writes. For a request w
 body has a declared length under the limit and that nothing else is waiting before, the protocol collects the
 body and answers in the next loop iteration (as a task would start: requests parsed together are answered
 in order, and each one's queueing is still measured for backpressure) with one write. The answer itself comes
-from the same application code as on the general path (`TangApplication.answer_directly`), its bytes are laid out
+from the same application code as on the general path (`TangApplication.answer`), its bytes are laid out
 as uvicorn lays them out, and it is counted and logged the same way. Everything else (other routes, chunked
 bodies, `Expect: 100-continue`, upgrades, pipelined requests behind a general one, exchange threads) takes the
 general path.
@@ -14,25 +14,52 @@ general path.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
-from .app import TangRoute, declared_length
+from .app import Request, declared_length
+from .keyset import KeySet
 from .responses import Answer
+from .routing import Match, Route
+
+
+class FreshKeys(Protocol):
+    """The key store, as the direct path sees it (`keystore.KeyStore`)."""
+
+    @property
+    def keyset(self) -> KeySet: ...
+    def is_fresh(self) -> bool: ...
+    def refresh(self) -> None: ...
+
+
+@runtime_checkable
+class DirectAnswers(Protocol):
+    """What the protocol needs of the application to answer on the direct path (`app.TangApplication`)."""
+
+    draining: bool
+    max_body_bytes: int
+    #: False when the Tang routes' answers cannot be computed on the event loop (exchange threads).
+    answers_directly: bool
+
+    @property
+    def store(self) -> FreshKeys: ...
+
+    def dispatch(self, method: str, target: bytes) -> Match: ...
+    def client(self, peer: str | None, headers: Iterable[tuple[bytes, bytes]]) -> str: ...
+    def answer(self, route: Route, thp: str, request: Request, keyset: KeySet) -> Answer: ...
+    def record(self, route: str, request: Request, status: int, elapsed: float) -> None: ...
 
 
 @dataclass(slots=True)
 class DirectRequest:
-    route: TangRoute
+    route: Route
     thp: str
-    method: str
-    target: bytes
-    http_version: str
+    request: Request
     keep_alive: bool
-    client: str  # the client's address (through trusted proxies), for the access policy and the log
-    arrival: float
-    body: bytearray = field(default_factory=bytearray)
+    body: bytearray
     #: Applying a key change off the loop before answering (see `TangHttpProtocol._answer_pending`).
     refresh: asyncio.Future[None] | None = None
 

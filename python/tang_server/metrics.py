@@ -11,21 +11,22 @@ whether values live in files.
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import time
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.exposition import choose_encoder
 
 from . import __version__
 from ._native import ENGINE
+from .responses import Answer
 from .settings import MULTIPROCESS_ENVIRONMENT
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-
-    from starlette.types import ASGIApp
+    from collections.abc import Iterable, Mapping
 
     from .keyset import KeySet
     from .ledger import Batch
@@ -143,7 +144,6 @@ class Metrics:
         else:
             exposition = own
         self._registry = exposition
-        self._exposition: ASGIApp = make_asgi_app(exposition)
 
     def answered(self, route: str, method: str, status: int, seconds: float) -> None:
         """Counts one answered request and its duration."""
@@ -209,10 +209,16 @@ class Metrics:
     def reload_failed(self) -> None:
         self.reload_failures.inc()
 
-    async def expose(self, scope: object, receive: object, send: object) -> None:
+    def exposition(self, headers: Iterable[tuple[bytes, bytes]]) -> Answer:
+        """/metrics in the format the scraper asks for (Accept: OpenMetrics or text), gzipped if it accepts that."""
         if self.directory is not None:
             self._mark_dead_workers()
-        await self._exposition(scope, receive, send)  # type: ignore[arg-type]
+        request = {name: value.decode("latin-1") for name, value in headers}
+        encoder, content_type = choose_encoder(request.get(b"accept", ""))
+        body = encoder(self._registry)
+        if "gzip" not in request.get(b"accept-encoding", ""):
+            return Answer(200, body, content_type.encode())
+        return Answer(200, gzip.compress(body), content_type.encode(), ((b"content-encoding", b"gzip"),))
 
     def _mark_dead_workers(self) -> None:
         """Workers replaced by uvicorn leave files behind; their live gauges must stop counting."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import struct
 import termios
@@ -31,9 +32,8 @@ from http import HTTPStatus
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .app import ARRIVAL_EXTENSION, RAW_TARGET_EXTENSION, TangApplication, forwarded_for
-from .clientaddress import client_address
-from .direct import DirectRequest, answer_bytes, framed_by_length
+from .app import ARRIVAL_EXTENSION, RAW_TARGET_EXTENSION, Request
+from .direct import DirectAnswers, DirectRequest, answer_bytes, framed_by_length
 from .responses import Answer
 
 logger = logging.getLogger(__name__)
@@ -200,63 +200,62 @@ class TangHttpProtocol(HttpToolsProtocol):
 
     def _direct_request(self, arrival: float) -> DirectRequest | None:
         """The request as a direct-path request, or None when it takes the general path."""
-        app = self.app
+        app = _direct_answers(self.app)
         busy = self.pipeline or (self.cycle is not None and not self.cycle.response_complete)
-        if not isinstance(app, TangApplication) or busy or self.expect_100_continue or self.parser.should_upgrade():
+        if app is None or busy or self.expect_100_continue or self.parser.should_upgrade():
             return None
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             return None  # uvicorn answers 503
         method = self.parser.get_method().decode("ascii")
-        found = app.direct_route(method, self.url)
-        if found is None or not framed_by_length(self.headers, app.settings.max_body_bytes):
+        match = app.dispatch(method, self.url)
+        if match.route is None or not match.route.tang or not framed_by_length(self.headers, app.max_body_bytes):
             return None
         http_version = self.parser.get_http_version()
-        return DirectRequest(
-            route=found[0],
-            thp=found[1],
+        request = Request(
             method=method,
             target=self.url,
             http_version=http_version,
-            keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
-            client=client_address(self.client[0] if self.client else None, forwarded_for(self.headers), app.trusted),
+            client=app.client(self.client[0] if self.client else None, self.headers),
             arrival=arrival,
         )
+        keep_alive = http_version != "1.0" and self.parser.should_keep_alive()
+        return DirectRequest(match.route, match.thp, request, keep_alive, bytearray())
 
     def _answer_pending(self, blocking: bool = False) -> None:
         """Answers the pending direct-path request, with every key change completed before now."""
-        request = self._pending
-        if request is None or (request.refresh is not None and not request.refresh.done() and not blocking):
+        direct = self._pending
+        if direct is None or (direct.refresh is not None and not direct.refresh.done() and not blocking):
             return
-        app = self.app
-        assert isinstance(app, TangApplication)
-        if blocking and request.refresh is not None and not request.refresh.done():
+        app = _direct_answers(self.app)
+        assert app is not None
+        if blocking and direct.refresh is not None and not direct.refresh.done():
             # The next request is arriving and this answer must leave first: wait for the rebuild this request
             # started (refresh() takes the lock the thread holds, then applies anything queued since).
             app.store.refresh()
-        elif request.refresh is None and not app.store.is_fresh():
+        elif direct.refresh is None and not app.store.is_fresh():
             if blocking:
                 app.store.refresh()
             else:  # apply the change off the loop, as the general path does, then answer
-                request.refresh = asyncio.ensure_future(asyncio.to_thread(app.store.refresh))
-                request.refresh.add_done_callback(lambda _: self._answer_pending())
+                direct.refresh = asyncio.ensure_future(asyncio.to_thread(app.store.refresh))
+                direct.refresh.add_done_callback(lambda _: self._answer_pending())
                 return
         self._pending = None
         if self.transport.is_closing():
             return  # the client is gone: spare the multiplication
         began = time.perf_counter()
+        request = direct.request
+        request.body = bytes(direct.body)
         try:
-            answer = app.answer_directly(request.route, request.thp, request.client, bytes(request.body),
-                                         request.arrival, app.store.keyset)  # fmt: skip
+            answer = app.answer(direct.route, direct.thp, request, app.store.keyset)
         except Exception:
             logger.exception("error answering %s", request.method)  # as on the general path: no details out
             answer = Answer(HTTPStatus.INTERNAL_SERVER_ERROR)
-        keep_alive = request.keep_alive
+        keep_alive = direct.keep_alive
         if (app.draining or self._closing) and keep_alive and not blocking and self._nothing_more():
             keep_alive = False  # stopping, and nothing else received: the client must reconnect (elsewhere)
         self.transport.write(answer_bytes(answer, self.server_state.default_headers, keep_alive))
-        app.record(request.route.name, request.method, request.target, request.http_version, request.client,
-                   answer.status, time.perf_counter() - began)  # fmt: skip
+        app.record(direct.route.name, request, answer.status, time.perf_counter() - began)
         if not keep_alive:
             self.transport.close()
         self.on_response_complete()
@@ -289,6 +288,13 @@ class TangHttpProtocol(HttpToolsProtocol):
             b"HTTP/1.1 " + _STATUS_LINES[status] + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
         )
         self.transport.close()
+
+
+@functools.cache
+def _direct_answers(app: object) -> DirectAnswers | None:
+    """The application as the direct path's interface, when it offers it and can answer on the loop (checked
+    once per application, not per request)."""
+    return app if isinstance(app, DirectAnswers) and app.answers_directly else None
 
 
 def _unread(transport: asyncio.BaseTransport) -> int:
