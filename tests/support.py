@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
+    """A port nobody listens on now. It may be taken before it is used: servers are started with `running`,
+    which retries on a collision and checks that the listener is the server's own."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -42,6 +44,61 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, tim
     raise TimeoutError(f"nothing listening on port {port}")
 
 
+def _tcp_sockets(port: int) -> Iterator[tuple[str, int, int]]:
+    """(state, queued, inode) of every TCP socket whose local port is `port`, from the kernel's tables."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    yield fields[3], int(fields[4].split(":")[1], 16), int(fields[9])
+
+
+_LISTEN, _ESTABLISHED = "0A", "01"
+
+
+def _group_sockets(group: int) -> set[int]:
+    """The inodes of every socket open in the processes of a process group."""
+    inodes = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[2]) != group:
+                continue
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                target = os.readlink(f"/proc/{entry}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def listens(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether `process` (or a process of its group) listens on `port`: the kernel's word, never a connection
+    that another program's listener could have accepted."""
+    listeners = {inode for state, _, inode in _tcp_sockets(port) if state == _LISTEN}
+    return bool(listeners) and not listeners.isdisjoint(_group_sockets(process.pid))
+
+
+def wait_accepted(port: int, connections: int, timeout: float = 30.0) -> None:
+    """Until the server on `port` has accepted at least `connections` connections and has none left waiting in
+    its listen queue (what a fixed sleep after connecting only hoped for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sockets = list(_tcp_sockets(port))
+        waiting = sum(queued for state, queued, _ in sockets if state == _LISTEN)
+        established = sum(1 for state, _, _ in sockets if state == _ESTABLISHED)
+        if waiting == 0 and established >= connections:
+            return
+        assert time.monotonic() < deadline, f"{waiting} connections still waiting to be accepted on port {port}"
+        time.sleep(0.01)
+
+
+#: What servers say when another program took their port between our choice and their bind.
+_COLLISION = "address already in use"
+
+
 @dataclass
 class Server:
     url: str
@@ -53,21 +110,59 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-@contextlib.contextmanager
-def running(command: Sequence[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+def _start(command: Sequence[str], port: int, log: Path, env: dict[str, str] | None, deadline: float) -> Server | None:
+    """The server once it listens on `port`; None if it could not bind the port (a collision)."""
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    while not listens(process, port):
+        if process.poll() is not None:
+            text = log.read_text(errors="replace")
+            if _COLLISION in text.lower():
+                return None
+            raise RuntimeError(f"server exited with {process.returncode}: {text[-3000:]}")
+        if time.monotonic() > deadline:
+            _stop(process)
+            raise TimeoutError(f"nothing listening on port {port}: {log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.02)
+    return Server(f"http://127.0.0.1:{port}", port, process, log)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
     try:
-        wait_for_port(port, process)
-        yield Server(f"http://127.0.0.1:{port}", port, process, log)
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def running(command: Sequence[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """Run a server that listens on `port` (e.g. again after a restart); while another program holds the port
+    (a client's ephemeral port, say), start it again until it binds."""
+    deadline = time.monotonic() + 30
+    while (server := _start(command, port, log, env, deadline)) is None:
+        assert time.monotonic() < deadline, f"port {port} stayed taken by another program"
+        time.sleep(0.1)
+    try:
+        yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        _stop(server.process)
+
+
+@contextlib.contextmanager
+def running_on_free_port(
+    command: Callable[[int], Sequence[str]], log: Path, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """Run `command(port)` on a free port; when another program took that port meanwhile, on another."""
+    deadline = time.monotonic() + 30
+    while (server := _start(command(port := free_port()), port, log, env, deadline)) is None:
+        assert time.monotonic() < deadline, "every port tried was taken by another program"
+    try:
+        yield server
+    finally:
+        _stop(server.process)
 
 
 def serve_command(keys: Path, port: int, *extra: str, workers: int = 1) -> list[str]:
@@ -79,9 +174,8 @@ def serve_command(keys: Path, port: int, *extra: str, workers: int = 1) -> list[
 @contextlib.contextmanager
 def our_server(keys: Path, log: Path, *extra: str, workers: int = 1) -> Iterator[Server]:
     """Our server on a free port; when it stops, its whole log is checked for private key material."""
-    port = free_port()
     secrets = private_members(keys)
-    with running(serve_command(keys, port, *extra, workers=workers), port, log) as server:
+    with running_on_free_port(lambda port: serve_command(keys, port, *extra, workers=workers), log) as server:
         yield server
     assert_no_secrets(log.read_text(errors="replace"), secrets | private_members(keys))
 
@@ -105,9 +199,10 @@ def assert_no_secrets(text: str, secrets: set[str]) -> None:
 
 def reference_server(keys: Path, log: Path) -> contextlib.AbstractContextManager[Server]:
     """The reference C server, one process per connection through socat, as Debian's socket activation does."""
-    port = free_port()
-    command = ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"EXEC:{REFERENCE_TANGD} {keys}"]
-    return running(command, port, log)
+    return running_on_free_port(
+        lambda port: ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"EXEC:{REFERENCE_TANGD} {keys}"],
+        log,
+    )
 
 
 def raw_request(port: int, data: bytes, timeout: float = 10.0) -> bytes:
