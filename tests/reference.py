@@ -64,9 +64,20 @@ def pair(keys: Path, logs: Path, *extra: str, workers: int = 1) -> Iterator[Pair
     logs.mkdir(parents=True, exist_ok=True)
     with (
         our_server(keys, logs / "ours.log", *extra, workers=workers) as ours,
-        reference_server(keys, logs / "reference.log") as reference,
+        reference(keys, logs / "reference.log") as theirs,
     ):
-        yield Pair(ours, reference)
+        yield Pair(ours, theirs)
+
+
+def reference(keys: Path, log: Path, *, as_user: Sequence[str] = ()) -> contextlib.AbstractContextManager[Server]:
+    """The reference C server through socat (`support.reference_server`), optionally run by `as_user`, a command
+    prefix that changes the user."""
+    if not as_user:
+        return reference_server(keys, log)
+    require_tools("socat", str(REFERENCE_TANGD))
+    port = free_port()
+    serve = " ".join([*as_user, str(REFERENCE_TANGD), str(keys)])
+    return running(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"EXEC:{serve}"], port, log)
 
 
 def assert_same_answer(ours: Response, theirs: Response, what: object) -> None:
@@ -124,18 +135,11 @@ def directory_without_keygen(files: Mapping[str, bytes]) -> Iterator[Path]:
 
 
 def reference_server_without_keygen(keys: Path, log: Path) -> contextlib.AbstractContextManager[Server]:
-    """The reference through socat, as a user that cannot write to `keys` (see `directory_without_keygen`)."""
-    require_tools("socat", str(REFERENCE_TANGD), "setpriv")
-    port = free_port()
-    drop: Sequence[str] = []
-    if os.geteuid() == 0:  # root writes anywhere: serve as nobody, as Debian serves as _tang
-        drop = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-    command = [
-        "socat",
-        f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
-        f"EXEC:{' '.join([*drop, str(REFERENCE_TANGD), str(keys)])}",
-    ]
-    return running(command, port, log)
+    """The reference as a user that cannot write to `keys` (see `directory_without_keygen`)."""
+    require_tools("setpriv")
+    if os.geteuid() == 0:  # root writes anywhere: serve as nobody (Debian serves as _tang)
+        return reference(keys, log, as_user=["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+    return reference(keys, log)
 
 
 def read_response(conn: socket.socket) -> Response:

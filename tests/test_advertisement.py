@@ -23,6 +23,7 @@ from .reference import (
     jose_exchange,
     jose_thumbprint,
     pair,
+    reference,
     reference_server_without_keygen,
 )
 from .support import (
@@ -30,7 +31,6 @@ from .support import (
     client_key,
     load_keys,
     our_server,
-    reference_server,
     request,
     require_tools,
     thumbprint,
@@ -190,15 +190,15 @@ def test_only_hidden_keys_without_keygen_is_500_but_rec_works(keys: Path, tmp_pa
     with (
         directory_without_keygen(files) as directory,
         our_server(directory, tmp_path / "log", "--no-auto-keygen") as server,
-        reference_server_without_keygen(directory, tmp_path / "reference.log") as reference,
+        reference_server_without_keygen(directory, tmp_path / "reference.log") as theirs,
     ):
         assert request(server.port, "GET", "/adv").status == 500
         _hidden_pair_works(server, signing, exchange)
         assert "no visible signing key" in server.log_text()
         body = json.dumps(client_key()).encode()
-        assert request(reference.port, "GET", "/adv").status == 500
-        assert request(reference.port, "GET", f"/adv/{jose_thumbprint(signing)}").status == 500
-        assert request(reference.port, "POST", f"/rec/{jose_thumbprint(exchange)}", body).status == 500
+        assert request(theirs.port, "GET", "/adv").status == 500
+        assert request(theirs.port, "GET", f"/adv/{jose_thumbprint(signing)}").status == 500
+        assert request(theirs.port, "POST", f"/rec/{jose_thumbprint(exchange)}", body).status == 500
         assert sorted(p.name for p in directory.iterdir()) == sorted(files)  # neither wrote a key
 
 
@@ -212,9 +212,9 @@ def test_only_hidden_keys_with_keygen_as_the_reference(keys: Path, tmp_path: Pat
         shutil.copytree(keys, copy)
     with (
         our_server(copies["ours"], tmp_path / "ours.log") as server,
-        reference_server(copies["reference"], tmp_path / "reference.log") as reference,
+        reference(copies["reference"], tmp_path / "reference.log") as theirs,
     ):
-        for each in (server, reference):
+        for each in (server, theirs):
             document = json.loads(request(each.port, "GET", "/adv").body)
             new_signing = _visible_signing(copies["ours" if each is server else "reference"])
             assert signers(document, [new_signing, signing]) == [thumbprint(new_signing)]

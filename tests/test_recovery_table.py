@@ -28,9 +28,10 @@ from .reference import (
     jose_exchange,
     jose_thumbprint,
     pair,
+    reference,
     reference_server_without_keygen,
 )
-from .support import client_key, load_keys, our_server, parse_response, raw_request, reference_server
+from .support import client_key, load_keys, our_server, parse_response, raw_request
 
 UNKNOWN = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 P = "Af" + "_" * 86  # 0x01ff..ff = p: not a valid coordinate
@@ -294,9 +295,9 @@ def empty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     with (
         directory_without_keygen({}) as directory,
         our_server(directory, logs / "ours.log", "--no-auto-keygen") as ours,
-        reference_server_without_keygen(directory, logs / "reference.log") as reference,
+        reference_server_without_keygen(directory, logs / "reference.log") as theirs,
     ):
-        yield Pair(ours, reference)
+        yield Pair(ours, theirs)
         assert not list(directory.iterdir()), "a key was written"
 
 
@@ -304,7 +305,7 @@ def test_empty_directory_check_can_fail(tmp_path: Path) -> None:
     """The reference does write a pair when it can: the 500 above is the refused write, not an idle reference."""
     directory = tmp_path / "writable"
     directory.mkdir()
-    with reference_server(directory, tmp_path / "reference.log") as reference:
-        response = parse_response(raw_request(reference.port, http("GET", "/adv")))
+    with reference(directory, tmp_path / "reference.log") as theirs:
+        response = parse_response(raw_request(theirs.port, http("GET", "/adv")))
     assert response.status == 200
     assert len(list(directory.glob("*.jwk"))) == 2
