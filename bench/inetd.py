@@ -11,7 +11,8 @@ figure is the wall time of N connections served one after the other, divided by 
 - socketpair: standard input and output are one end of a socket pair, as `socat ... EXEC:` gives them; the
   bench writes the request on the other end and reads the answer to its end.
 - tcp: `systemd-socket-activate -a --inetd -l 127.0.0.1:PORT tangd DIR` (what a systemd `Accept=yes` unit
-  does: one process per connection, the TCP connection as standard input and output), with a TCP client.
+  does: one process per connection, the TCP connection as standard input and output), with a TCP client that
+  half-closes after its request, as above.
 
 Our processes run without PYTHONDONTWRITEBYTECODE, as installed (compiled modules cached); a few warm-up
 connections come first. Ratios are to the reference in the same mode of the same run.
@@ -79,6 +80,7 @@ def socketpair_once(command: list[str]) -> None:
         )
         theirs.close()
         ours.sendall(REQUEST)
+        ours.shutdown(socket.SHUT_WR)  # the reference reads to the end of its input before it exits
         answer = _read_all(ours)
         process.wait(DEADLINE)
     _check(answer)
@@ -87,6 +89,7 @@ def socketpair_once(command: list[str]) -> None:
 def tcp_once(port: int) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as conn:
         conn.sendall(REQUEST)
+        conn.shutdown(socket.SHUT_WR)
         _check(_read_all(conn))
 
 
@@ -119,6 +122,7 @@ def activated(command: list[str]) -> Iterator[int]:
         while process.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
                 conn.sendall(REQUEST)
+                conn.shutdown(socket.SHUT_WR)
                 _read_all(conn)
                 break
             time.sleep(0.05)

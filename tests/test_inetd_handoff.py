@@ -24,7 +24,19 @@ from pathlib import Path
 
 import pytest
 
-from .support import BIN, Server, free_port, load_keys, our_server, parse_response, running, serve_command, thumbprint
+from .support import (
+    BIN,
+    REFERENCE_TANGD,
+    Server,
+    client_key,
+    free_port,
+    load_keys,
+    our_server,
+    parse_response,
+    running,
+    serve_command,
+    thumbprint,
+)
 from .test_systemd import _clevis_round_trip
 
 DEADLINE = 60.0  # bounds a hang, never a speed
@@ -180,3 +192,53 @@ def test_no_request_lost_while_the_server_stops(keys: Path, tmp_path: Path) -> N
             assert server.process.wait(DEADLINE) == 0
     assert failures == []
     assert answers == [200] * 36
+
+
+def _responses(data: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each response in a stream of HTTP/1.1 responses framed by Content-Length."""
+    found = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        response = parse_response(head + b"\r\n\r\n")
+        length = int(response.headers.get("content-length", "0"))
+        found.append((response.status, rest[:length]))
+        data = rest[length:]
+    return found
+
+
+def test_plain_requests_served_without_a_server_match_the_full_server_and_the_reference(
+    reference_keys: Path,
+) -> None:
+    """Without a server, tangd answers what clevis sends without starting the full server: the bytes must be the
+    full server's (which takes the whole connection when an operational route comes first), and the statuses and
+    recovery bodies the reference's."""
+    signing, exchange = load_keys(reference_keys)
+    kid = thumbprint(exchange)
+
+    def rec(target: str, body: bytes, close: bool = False) -> bytes:
+        connection = "Connection: close\r\n" if close else ""
+        return f"POST {target} HTTP/1.1\r\nHost: x\r\n{connection}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+    valid = json.dumps(client_key()).encode()
+    plain = (
+        rec(f"/rec/{kid}", valid)
+        + rec(f"/rec/{kid}", b"{")
+        + f"GET /adv/{kid} HTTP/1.1\r\nHost: x\r\n\r\n".encode()  # an exchange key's id: no such advertisement
+        + rec(f"/rec/{thumbprint(signing)}", valid)  # a signing key cannot recover
+        + rec("/rec/unknown", valid, close=True)
+    )
+    health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def run(command: list[str], data: bytes) -> bytes:
+        result = subprocess.run(command, input=data, capture_output=True, timeout=DEADLINE, check=True)
+        return result.stdout
+
+    lean = run([TANGD, str(reference_keys)], plain)
+    full = run([TANGD, str(reference_keys)], health + plain)
+    first, _, _ = full.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200")
+    assert lean == full[full.index(b"HTTP/1.1 ", 1) :]
+    reference = run([str(REFERENCE_TANGD), str(reference_keys)], plain)
+    ours = _responses(lean)
+    assert [status for status, _ in ours] == [200, 400, 404, 403, 404]
+    assert ours == _responses(reference)

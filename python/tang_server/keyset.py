@@ -21,9 +21,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from jwcrypto import jwk as jwcrypto_jwk
-from jwcrypto import jws as jwcrypto_jws
-
 from . import b64, jwk
 from ._native import COORDINATE_LEN, ExchangeKey
 from .errors import InvalidKey, InvalidPoint
@@ -299,6 +296,9 @@ def _signed(key: Key, payload: bytes, private: Mapping[str, Any] | None) -> Key:
 
 def _sign(private: Mapping[str, Any], payload: bytes) -> dict[str, str]:
     """One JWS signature (`protected` and `signature`, base64url) by a signing key's private JWK."""
+    from jwcrypto import jwk as jwcrypto_jwk  # here: its import costs more than a whole `tangd` connection
+    from jwcrypto import jws as jwcrypto_jws
+
     alg = _SIGNING_ALGORITHMS[private["crv"]]
     protected = json.dumps({"alg": alg, "cty": "jwk-set+json"}, separators=(",", ":"))
     token = jwcrypto_jws.JWS(payload)

@@ -420,8 +420,9 @@ def _serve_worker(
     ).run(sockets)
 
 
-def serve_connection(settings: Settings) -> None:
-    """Serve the HTTP connection on standard input and output, then exit (systemd Accept=yes, inetd, socat)."""
+def serve_connection(settings: Settings, received: bytes = b"") -> None:
+    """Serve the HTTP connection on standard input and output, then exit (systemd Accept=yes, inetd, socat).
+    `received`: what was read from standard input already (by `oneshot.py`) and not answered."""
     logging.config.dictConfig(log_config(settings))
     application = build_application(settings)
     config = uvicorn.Config(
@@ -435,13 +436,13 @@ def serve_connection(settings: Settings) -> None:
     )
     config.load()
     connection, output = _connection_socket()
-    uvloop.run(_serve_one(config, connection))
+    uvloop.run(_serve_one(config, connection, received))
     if output is not None:
         # The bridge copies the last answer to standard output after the connection closed: let it finish.
         output.join(timeout=10)
 
 
-async def _serve_one(config: uvicorn.Config, connection: socket.socket) -> None:
+async def _serve_one(config: uvicorn.Config, connection: socket.socket, received: bytes = b"") -> None:
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[None] = loop.create_future()
 
@@ -451,6 +452,11 @@ async def _serve_one(config: uvicorn.Config, connection: socket.socket) -> None:
 
     class OneConnection(TangHttpProtocol):
         """The inherited connection: when it ends, the process ends."""
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if received:
+                self.data_received(received)  # first, before anything the transport reads
 
         def connection_lost(self, exc: Exception | None) -> None:
             super().connection_lost(exc)

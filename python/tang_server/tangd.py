@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
 
+    from .settings import Settings
+
 DEFAULT_PORT = 9090
 USAGE = "Usage: {} [-l] [-p <port>] [-e <endpoint>] <jwkdir>"
 _S_IFMT, _S_IFDIR = 0o170000, 0o040000
@@ -85,36 +87,49 @@ def directory_problem(directory: object) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     plain = inetd_arguments(arguments)
-    if plain is not None:
-        directory, endpoint = plain
-        problem = directory_problem(directory)
-        if problem is not None:
-            print(problem, file=sys.stderr)
-            return 1
-        if handoff.stdin_is_socket() and handoff.hand_over(directory, endpoint):
-            return 0  # a running server has the connection
-    args = parser().parse_intermixed_args(arguments)
-    problem = directory_problem(args.directory)
+    if plain is None:
+        args = parser().parse_intermixed_args(arguments)
+        directory, endpoint, listen = str(args.directory), args.endpoint, args.listen
+    else:
+        (directory, endpoint), listen = plain, False
+    problem = directory_problem(directory)
     if problem is not None:
         print(problem, file=sys.stderr)
         return 1
-    inetd = plain is None and not args.listen
-    if inetd and handoff.stdin_is_socket() and handoff.hand_over(str(args.directory), args.endpoint):
-        return 0
-    from . import server
+    if listen:
+        from . import server
+
+        server.serve(settings(directory, endpoint, args.port))
+    elif not (handoff.stdin_is_socket() and handoff.hand_over(directory, endpoint)):
+        serve_connection(settings(directory, endpoint))
+    return 0
+
+
+def settings(directory: str, endpoint: str, port: int = DEFAULT_PORT) -> Settings:
+    from pathlib import Path
+
     from .settings import Settings
 
-    settings = Settings(
-        keys_dir=args.directory,
+    return Settings(
+        keys_dir=Path(directory),
         host="0.0.0.0",  # noqa: S104 - the reference binds every address
-        port=args.port,
-        prefix=args.endpoint,
+        port=port,
+        prefix=endpoint,
     )
-    if args.listen:
-        server.serve(settings)
-    else:
-        server.serve_connection(settings)
-    return 0
+
+
+def serve_connection(settings: Settings) -> None:
+    """The connection on standard input, served here: plain requests without the event loop, the rest (and
+    everything after it) by the full server."""
+    from . import oneshot
+
+    connection = oneshot.Connection(settings)
+    try:
+        connection.serve()
+    except oneshot.Unusual:
+        from . import server
+
+        server.serve_connection(settings, connection.buffer)
 
 
 if __name__ == "__main__":
