@@ -242,3 +242,15 @@ def test_plain_requests_served_without_a_server_match_the_full_server_and_the_re
     ours = _responses(lean)
     assert [status for status, _ in ours] == [200, 400, 404, 403, 404]
     assert ours == _responses(reference)
+
+
+def test_sigterm_ends_a_waiting_connection_with_status_0(keys: Path) -> None:
+    """systemd stops a per-connection unit with SIGTERM: tangd (no server) waiting for a request exits with 0."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        process = subprocess.Popen([TANGD, str(keys)], stdin=theirs.fileno(), stdout=theirs.fileno())
+        ours.sendall(b"GET /adv HTTP/1.1\r\nHost: x\r\n\r\n")  # kept alive: tangd waits for the next request
+        ours.settimeout(DEADLINE)
+        assert ours.recv(12) == b"HTTP/1.1 200"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(DEADLINE) == 0

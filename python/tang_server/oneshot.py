@@ -53,6 +53,8 @@ class Connection:
 
     def serve(self) -> None:
         """Answer plain requests until the client is done; raises Unusual with `buffer` unanswered."""
+        signals = __import__("_signal")  # the signal module's enums cost an import this path need not pay
+        signals.signal(signals.SIGTERM, _stop)  # a stopped unit ends the connection with status 0, as the server
         timeout = self.settings.request_timeout
         while True:
             head_end = self.buffer.find(b"\r\n\r\n")
@@ -113,6 +115,10 @@ class Connection:
         else:
             self.ended = True
         return True
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _parse_head(head: bytes) -> tuple[str, bytes, str, dict[bytes, bytes]]:
