@@ -15,7 +15,9 @@ figure is the wall time of N connections served one after the other, divided by 
   half-closes after its request, as above.
 
 Our processes run without PYTHONDONTWRITEBYTECODE, as installed (compiled modules cached); a few warm-up
-connections come first. Ratios are to the reference in the same mode of the same run.
+connections come first. Ratios are to the reference in the same mode of the same run. Besides wall time, the CPU
+time of every process of a figure (launcher and shell included, a running server's share not) is reported per
+connection: on a shared, loaded machine it varies much less than wall time.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -171,9 +174,16 @@ def measure(keys: Path, work: Path, runs: int) -> list[dict[str, object]]:
     ours = [str(BIN / "tangd"), str(keys)]
     rows: list[dict[str, object]] = []
 
-    def row(mode: str, variant: str, seconds: float) -> None:
-        rows.append({"mode": mode, "tangd": variant, "ms_per_connection": round(seconds * 1000, 2)})
-        print(f"  {mode:<11} {variant:<22} {seconds * 1000:8.2f} ms", file=sys.stderr, flush=True)
+    def row(mode: str, variant: str, run: Callable[[list[str]], float], command: list[str]) -> None:
+        before = _children_cpu()
+        seconds = run(command)
+        # Every process of the figure (warm-up and launcher included) has been waited for; a running server's
+        # own share is not in it (about what one request costs it in `serve`).
+        connections = runs + WARMUP + (1 if mode == "tcp" else 0)
+        cpu = (_children_cpu() - before) / connections
+        rows.append({"mode": mode, "tangd": variant, "ms_per_connection": round(seconds * 1000, 2),
+                     "cpu_ms_per_connection": round(cpu * 1000, 2)})  # fmt: skip
+        print(f"  {mode:<11} {variant:<22} {seconds * 1000:8.2f} ms {cpu * 1000:8.2f} ms CPU", file=sys.stderr)
 
     modes: list[tuple[str, Callable[[list[str]], float]]] = [
         ("pipe", lambda command: pipe_mode(command, runs)),
@@ -181,11 +191,16 @@ def measure(keys: Path, work: Path, runs: int) -> list[dict[str, object]]:
         ("tcp", lambda command: _tcp(command, runs)),
     ]
     for mode, run in modes:
-        row(mode, "reference", run(reference))
-        row(mode, "ours, no server", run(ours))
+        row(mode, "reference", run, reference)
+        row(mode, "ours, no server", run, ours)
         with our_server(keys, work / f"server-{mode}.log"):
-            row(mode, "ours, server running", run(ours))
+            row(mode, "ours, server running", run, ours)
     return rows
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _tcp(command: list[str], runs: int) -> float:
@@ -194,11 +209,16 @@ def _tcp(command: list[str], runs: int) -> float:
 
 
 def table(rows: list[dict[str, object]]) -> str:
-    reference = {row["mode"]: float(str(row["ms_per_connection"])) for row in rows if row["tangd"] == "reference"}
-    lines = [f"{'mode':<11} {'tangd':<22} {'ms/connection':>13} {'x reference':>12}"]
+    def figure(row: dict[str, object], name: str) -> float:
+        return float(str(row[name]))
+
+    wall = {row["mode"]: figure(row, "ms_per_connection") for row in rows if row["tangd"] == "reference"}
+    cpu = {row["mode"]: figure(row, "cpu_ms_per_connection") for row in rows if row["tangd"] == "reference"}
+    lines = [f"{'mode':<11} {'tangd':<22} {'wall ms/conn':>12} {'x ref':>6} {'CPU ms/conn':>12} {'x ref':>6}"]
     for row in rows:
-        ms = float(str(row["ms_per_connection"]))
-        lines.append(f"{row['mode']!s:<11} {row['tangd']!s:<22} {ms:13.2f} {ms / reference[row['mode']]:11.1f}x")
+        ms, cpu_ms = figure(row, "ms_per_connection"), figure(row, "cpu_ms_per_connection")
+        lines.append(f"{row['mode']!s:<11} {row['tangd']!s:<22} {ms:12.2f} {ms / wall[row['mode']]:5.1f}x "
+                     f"{cpu_ms:12.2f} {cpu_ms / cpu[row['mode']]:5.1f}x")  # fmt: skip
     return "\n".join(lines)
 
 
