@@ -1,8 +1,10 @@
-"""The load harness runs end to end (a short smoke: numbers are reported, never asserted)."""
+"""The benchmark harnesses run end to end and report: short smokes whose numbers are printed, never asserted (a
+shared 2-core machine makes any throughput, latency or error count under load a measurement, not a property)."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,38 +17,38 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_load_harness_smoke(tmp_path: Path) -> None:
     require_tools("wrk", "socat", "taskset", "/usr/libexec/tangd")
     output = tmp_path / "load.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "load.py"),
-            "--seconds",
-            "1",
-            "--connections",
-            "4",
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    # Servers and wrk may use both CPUs: nothing is measured here, and a CPU may be busy with other work.
+    command = [sys.executable, str(ROOT / "bench" / "load.py"), "--seconds", "1", "--connections", "4",
+               "--server-cpus", "0,1", "--load-cpus", "0,1", "--output", str(output)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
+    print(result.stdout)
     report = json.loads(output.read_text())
-    servers = {(m["server"], m["route"], m["connection"]) for m in report["measurements"]}
-    assert len(servers) == 10
-    assert all(m["errors"] == 0 and m["requests_per_second"] > 0 for m in report["measurements"])
+    rows = {(m["server"], m["route"], m["connection"]): m for m in report["measurements"]}
+    expected = {(server, route, connection) for server in ("ours", "reference") for route in ("adv", "rec")
+                for connection in ("kept-alive", "new")}  # fmt: skip
+    expected |= {("constant", "adv", connection) for connection in ("kept-alive", "new")}
+    assert set(rows) == expected
+    for row in rows.values():
+        numbers = [value for name, value in row.items() if name not in ("server", "route", "connection")]
+        assert all(isinstance(value, int | float) and math.isfinite(value) and value >= 0 for value in numbers), row
     assert set(report["ratios"]) >= {"rec_vs_reference_kept_alive", "rec_per_worker_vs_pure_multiplication"}
+    assert "| ours | rec | kept-alive |" in result.stdout  # the table is printed
 
 
 def test_overload_harness_smoke(tmp_path: Path) -> None:
-    """Half the saturation rate for a moment: everything answered 200, nothing shed, one row per setting."""
+    """One row per backpressure setting, in the JSON lines and the Markdown report."""
     require_tools("wrk", "taskset")
     output = tmp_path / "overload.md"
     command = [sys.executable, str(ROOT / "bench" / "overload.py"), "--seconds", "0.5", "--factor", "0.5",
                "--queue-ms", "0", "1000", "--connections", "2000", "--output", str(output)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT / "bench")
     assert result.returncode == 0, result.stderr[-2000:]
+    print(result.stdout)
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [row["max_queue_ms"] for row in rows] == [0, 1000]
-    assert all(row["ok_share"] == 1.0 and row["shed_503_share"] == 0.0 for row in rows)
-    assert "| off |" in output.read_text()
+    for row in rows:
+        shares = [row[name] for name in ("ok_share", "shed_503_share", "failed_share", "other_share")]
+        assert all(0 <= share <= 1 for share in shares) and math.isclose(sum(shares), 1, abs_tol=1e-6), row
+    report = output.read_text()
+    assert "| off |" in report and "| 1000 |" in report
