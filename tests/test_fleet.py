@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -14,6 +16,17 @@ from tang_server.keyset import load_keyset
 from .support import BIN, our_server, request
 
 TANG_SERVER = str(BIN / "tang-server")
+HANG = 60  # bounds waits for what happens in well under a second: only a hang reaches it
+
+
+def _eventually(
+    run: Callable[[], subprocess.CompletedProcess[str]], done: Callable[[subprocess.CompletedProcess[str]], bool]
+) -> subprocess.CompletedProcess[str]:
+    deadline = time.monotonic() + HANG
+    while not done(result := run()):
+        assert time.monotonic() < deadline, result.stdout
+        time.sleep(0.1)
+    return result
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -30,26 +43,29 @@ def test_status_and_wait_see_every_worker_and_the_laggards(keys: Path, tmp_path:
             for copy in copies
         ]
         urls = [server.url for server in servers]
-        status = _cli("fleet", "status", *urls)
-        assert status.returncode == 0, status.stdout
         digest = load_keyset(keys).digest
-        assert status.stdout.count("pid ") == 4  # two replicas, two workers each
+        # Workers report their digest once they have started: wait for all four (two replicas, two workers each).
+        status = _eventually(lambda: _cli("fleet", "status", *urls), lambda s: s.stdout.count("pid ") == 4)
+        assert status.returncode == 0, status.stdout
         assert f"agreed on {digest[:16]}" in status.stdout
 
         keyfiles.rotate(copies[1])  # one replica's keys move ahead of the other's
         new = load_keyset(copies[1]).digest
+        assert _cli("fleet", "wait", "--digest", new, "--timeout", str(HANG), urls[1]).returncode == 0
         diverged = _cli("fleet", "status", *urls)
         assert diverged.returncode == 1
         assert "DIVERGED" in diverged.stdout
 
-        waited = _cli("fleet", "wait", "--digest", new, "--timeout", "2", *urls)
+        # The first replica can never catch up (its copy did not change): one look, and it is the laggard.
+        waited = _cli("fleet", "wait", "--digest", new, "--timeout", "0", *urls)
         assert waited.returncode == 1
         assert waited.stdout.count("<- lagging") == 2  # both workers of the first replica
         assert servers[0].url in waited.stdout.split("<- lagging")[0]
+        assert servers[1].url not in waited.stdout.split("<- lagging")[1]
 
         shutil.rmtree(copies[0])
         shutil.copytree(copies[1], copies[0])
-        assert _cli("fleet", "wait", "--digest", new, "--timeout", "30", *urls).returncode == 0
+        assert _cli("fleet", "wait", "--digest", new, "--timeout", str(HANG), *urls).returncode == 0
 
 
 def test_unreachable_replica_is_reported(keys: Path, tmp_path: Path) -> None:
@@ -72,7 +88,7 @@ def test_two_phase_rotation_over_a_shared_directory(keys: Path, tmp_path: Path) 
             assert step in result.stdout
         final = load_keyset(keys)
         assert {key.name for key in final.hidden} == {f".{name}" for name in before}
-        assert _cli("fleet", "wait", "--digest", final.digest, "--timeout", "5",
+        assert _cli("fleet", "wait", "--digest", final.digest, "--timeout", str(HANG),
                     *[server.url for server in servers]).returncode == 0  # fmt: skip
 
 
