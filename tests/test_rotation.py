@@ -22,6 +22,13 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir() if p.name.endswith(".jwk")}
 
 
+def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60  # only a hang reaches it
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.01)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([TANG_SERVER, *args], capture_output=True, text=True, timeout=60)
 
@@ -91,12 +98,16 @@ def test_rotate_under_load_has_no_failed_request(keys: Path, tmp_path: Path) -> 
         ]
         for thread in threads:
             thread.start()
-        time.sleep(0.3)
-        assert _cli("rotate", str(keys)).returncode == 0
-        time.sleep(0.5)
-        stop.set()
-        for thread in threads:
-            thread.join()
+        try:
+            _until(lambda: len(statuses["old"]) > 0, "recoveries before the rotation")
+            assert _cli("rotate", str(keys)).returncode == 0
+            old_before = len(statuses["old"])
+            # Recoveries with the old key after the rotation too, and with the new one.
+            _until(lambda: len(statuses["old"]) > old_before and len(statuses["new"]) > 0, "recoveries after it")
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
     assert statuses["old"] and statuses["new"]
     assert set(statuses["old"]) == {200}
     assert set(statuses["new"]) == {200}
