@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,8 +43,10 @@ def _rec(kid: str, body: bytes, extra: str = "") -> bytes:
     return f"POST /rec/{kid} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
 
 
-def cases(kid: str) -> list[tuple[str, bytes, frozenset[int]]]:
-    good = json.dumps(client_key()).encode()
+def cases(kid: str, client: dict[str, Any] | None = None) -> list[tuple[str, bytes, frozenset[int]]]:
+    """The table; `client`: the client key to post (with its private `d`), fresh if not given."""
+    client = client or client_key(private=True)
+    good = json.dumps({name: value for name, value in client.items() if name != "d"}).encode()
     deep = b"[" * 100_000 + b"]" * 100_000
     return [
         ("no host header", b"GET /adv HTTP/1.1\r\n\r\n", frozenset({200})),
@@ -127,7 +130,7 @@ def cases(kid: str) -> list[tuple[str, bytes, frozenset[int]]]:
         ("utf-16 body", _rec(kid, '{"kty":"EC"}'.encode("utf-16")), frozenset({400})),
         ("json with nul", _rec(kid, b'{"kty":"EC\x00"}'), frozenset({400})),
         ("empty body", _rec(kid, b""), frozenset({400})),
-        ("private d", _rec(kid, json.dumps(client_key(private=True)).encode()), frozenset({200})),
+        ("private d", _rec(kid, json.dumps(client).encode()), frozenset({200})),
         ("headers never finish", b"GET /adv HTTP/1.1\r\nX: y\r\n", frozenset({408})),
         ("nothing sent", b"", frozenset({408}) | CLOSED),
     ]

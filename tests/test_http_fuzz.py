@@ -10,8 +10,12 @@ pipelined, then half-closed, left open or cut off with a reset. The oracle:
 - the workers live through it (same processes), their memory does not grow, and the log shows no traceback;
 - afterwards /adv and /rec still answer correctly.
 
-`make test` runs it for a few seconds (TANG_FUZZ_SECONDS, default 10); `make fuzz` runs it for longer. A failure
-names the run's seed and the case's number: `TANG_FUZZ_SEED=S` replays the same cases.
+`make test` runs it for a few seconds (TANG_FUZZ_SECONDS, default 10); `make fuzz` runs it for longer. The run's
+seed is printed first and named in every failure: `TANG_FUZZ_SEED=S` replays the same cases (the server's keys and
+the client key are derived from it too, so the bytes are the same), and `TANG_FUZZ_CASE=N` plays case N alone.
+
+Before any generated case, the corpus (`tests/fuzz-corpus/*.json`) runs: the cases that found bugs, each with the
+exact statuses it must get.
 """
 
 from __future__ import annotations
@@ -29,11 +33,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tang_server import keyfiles
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from .support import client_key, load_keys, our_server, request, thumbprint, worker_rss
+from tang_server import b64
+
+from .support import client_key, our_server, request, thumbprint, worker_rss
 from .test_hostile import cases as hostile_cases
+
+CORPUS = Path(__file__).resolve().parent / "fuzz-corpus"
 
 FUZZ_SECONDS = float(os.environ.get("TANG_FUZZ_SECONDS", "10"))
 REQUEST_TIMEOUT = 1.0
@@ -58,8 +67,23 @@ TOKENS = [
 NUMBERS = [b"0", b"1", b"-1", b"65535", b"65536", b"4095", b"4096", b"99999999999999999999", b"00000000001", b"1.5"]
 
 
-def seed_requests(exchange_kid: str, signing_kid: str) -> list[bytes]:
-    body = json.dumps(client_key()).encode()
+def seeded_key(rng: random.Random, alg: str, key_ops: list[str]) -> dict[str, Any]:
+    """A P-521 JWK (private) drawn from `rng`: the same seed, the same key."""
+    numbers = ec.derive_private_key(rng.randrange(1, 2**520), ec.SECP521R1()).private_numbers()
+    return {
+        "alg": alg,
+        "crv": "P-521",
+        "kty": "EC",
+        "key_ops": key_ops,
+        "x": b64.encode(numbers.public_numbers.x.to_bytes(66, "big")),
+        "y": b64.encode(numbers.public_numbers.y.to_bytes(66, "big")),
+        "d": b64.encode(numbers.private_value.to_bytes(66, "big")),
+    }
+
+
+def seed_requests(exchange_kid: str, signing_kid: str, client: dict[str, Any]) -> list[bytes]:
+    """Valid Tang requests and the hostile table's cases; `client` is the client key posted (with its `d`)."""
+    body = json.dumps({name: value for name, value in client.items() if name != "d"}).encode()
     chunked_body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     valid = [
         b"GET /adv HTTP/1.1\r\nHost: t\r\n\r\n",
@@ -73,7 +97,7 @@ def seed_requests(exchange_kid: str, signing_kid: str) -> list[bytes]:
         b"GET /readyz HTTP/1.1\r\n\r\n",
         b"GET /status HTTP/1.1\r\nConnection: close\r\n\r\n",
     ]
-    return valid + [data for _, data, _ in hostile_cases(exchange_kid)]
+    return valid + [data for _, data, _ in hostile_cases(exchange_kid, client)]
 
 
 def mutations(rng: random.Random, seeds: list[bytes]) -> list[Callable[[bytes], bytes]]:
@@ -128,15 +152,22 @@ def mutations(rng: random.Random, seeds: list[bytes]) -> list[Callable[[bytes], 
     return [flip, token, noise, delete, repeat, splice, truncate, line_ends, number, case]
 
 
+#: A fragment's pause: wait until the server has answered what was sent so far.
+AFTER_ANSWER = -1.0
+
+
 @dataclass
 class Case:
-    number: int
+    name: str  # "seed S case N", or the corpus file
     data: bytes
-    fragments: list[tuple[bytes, float]]  # (bytes, pause before sending them)
+    fragments: list[tuple[bytes, float]]  # (bytes, pause before sending them: seconds, or AFTER_ANSWER)
     ending: str  # "half-close", "wait" or "reset"
+    expect: list[int] | None = None  # the exact statuses (corpus cases)
 
 
-def generate(rng: random.Random, seeds: list[bytes], number: int) -> Case:
+def generate(seed: int, seeds: list[bytes], number: int) -> Case:
+    """Case `number` of a run: drawn from its own generator, so that it can be replayed alone."""
+    rng = random.Random(f"{seed}/{number}")  # noqa: S311  # reproducible test input, not secrets
     mutators = mutations(rng, seeds)
     data = rng.choice(seeds)
     for _ in range(rng.choice([0, 1, 1, 2, 2, 3, 4, 6])):
@@ -147,7 +178,24 @@ def generate(rng: random.Random, seeds: list[bytes], number: int) -> Case:
     pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
     fragments = [(piece, rng.uniform(0, 0.02) if index else 0.0) for index, piece in enumerate(pieces)]
     ending = rng.choices(["half-close", "wait", "reset"], weights=[6, 3, 1])[0]
-    return Case(number, data, fragments, ending)
+    return Case(f"seed {seed} case {number} (replay: TANG_FUZZ_SEED={seed} TANG_FUZZ_CASE={number})", data,
+                fragments, ending)  # fmt: skip
+
+
+def corpus(exchange_kid: str, signing_kid: str) -> list[Case]:
+    """The cases that found bugs (`tests/fuzz-corpus`), key ids filled in."""
+    found = []
+    for path in sorted(CORPUS.glob("*.json")):
+        entry = json.loads(path.read_text())
+
+        def text(value: str) -> bytes:
+            return value.replace("{exchange_kid}", exchange_kid).replace("{signing_kid}", signing_kid).encode("latin-1")
+
+        fragments = [(text(f["send"]), AFTER_ANSWER if f.get("after") == "answer" else float(f.get("after", 0)))
+                     for f in entry["fragments"]]  # fmt: skip
+        data = b"".join(piece for piece, _ in fragments)
+        found.append(Case(f"corpus {path.name}", data, fragments, entry["ending"], entry["expect"]))
+    return found
 
 
 class Malformed(AssertionError):
@@ -195,12 +243,26 @@ class Outcome:
     kind: str = "answered"  # or "closed" (no answer), "reset by us", "reset by server"
 
 
+def _answered(data: bytes) -> bool:
+    """A whole response (head and declared body) is in `data`."""
+    head, found, body = data.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    return len(body) >= (int(length.group(1)) if length else 0)
+
+
 def play(port: int, case: Case) -> Outcome:
     began = time.monotonic()
+    received, reset = b"", False
     with socket.create_connection(("127.0.0.1", port), timeout=CONNECTION_DEADLINE) as conn:
         try:
             for piece, pause in case.fragments:
-                time.sleep(pause)
+                if pause == AFTER_ANSWER:
+                    while not _answered(received) and (chunk := conn.recv(65536)):
+                        received += chunk
+                else:
+                    time.sleep(pause)
                 conn.sendall(piece)
         except (BrokenPipeError, ConnectionResetError):
             pass  # answered and closed before we finished: what was answered is still checked
@@ -210,7 +272,6 @@ def play(port: int, case: Case) -> Outcome:
         if case.ending == "half-close":
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_WR)
-        received, reset = b"", False
         try:
             while True:
                 conn.settimeout(max(0.01, began + CONNECTION_DEADLINE - time.monotonic()))
@@ -226,31 +287,33 @@ def play(port: int, case: Case) -> Outcome:
     unexpected = [status for status in statuses if status not in ALLOWED_STATUSES]
     if unexpected:
         raise Malformed(f"unexpected statuses {unexpected}")
+    if case.expect is not None and statuses != case.expect:
+        raise Malformed(f"statuses {statuses}, expected {case.expect}")
     kind = "answered" if statuses else ("reset by server" if reset else "closed")
     return Outcome(statuses, kind)
 
 
-def fuzz(port: int, seeds: list[bytes], seed: int, seconds: float) -> tuple[Counter[str], list[str]]:
-    """Plays generated cases on CONCURRENCY connections for `seconds`; returns the tallies and the failures."""
-    rng = random.Random(seed)  # noqa: S311  # reproducible test input, not secrets
+def fuzz(port: int, cases: Iterator[Case]) -> tuple[Counter[str], list[str]]:
+    """Plays cases on CONCURRENCY connections until `cases` ends; returns the tallies and the failures."""
     tally: Counter[str] = Counter()
     failures: list[str] = []
-    deadline = time.monotonic() + seconds
     pending: dict[Future[Outcome], Case] = {}
+    exhausted = False
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        number = 0
-        while time.monotonic() < deadline or pending:
-            while time.monotonic() < deadline and len(pending) < CONCURRENCY:
-                case = generate(rng, seeds, number)
-                pending[pool.submit(play, port, case)] = case
-                number += 1
+        while not exhausted or pending:
+            while not exhausted and len(pending) < CONCURRENCY:
+                case = next(cases, None)
+                if case is None:
+                    exhausted = True
+                else:
+                    pending[pool.submit(play, port, case)] = case
             done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
             for future in done:
                 case = pending.pop(future)
                 try:
                     outcome = future.result()
                 except (Malformed, OSError) as error:
-                    failures.append(f"seed {seed} case {case.number} ({case.ending}): {error}; {case.data[:300]!r}")
+                    failures.append(f"{case.name} ({case.ending}): {error}; {case.data[:300]!r}")
                     continue
                 tally["cases"] += 1
                 tally[outcome.kind] += 1
@@ -258,14 +321,39 @@ def fuzz(port: int, seeds: list[bytes], seed: int, seconds: float) -> tuple[Coun
     return tally, failures
 
 
+def generated(seed: int, seeds: list[bytes], first: int, seconds: float) -> Iterator[Case]:
+    """Cases first, first + 1, ... of a run, for `seconds`."""
+    deadline = time.monotonic() + seconds
+    number = first
+    while time.monotonic() < deadline:
+        yield generate(seed, seeds, number)
+        number += 1
+
+
+@dataclass
+class Target:
+    port: int
+    parent: int
+    seeds: list[bytes]
+    corpus: list[Case]
+
+
 @contextlib.contextmanager
-def fuzz_target(base: Path) -> Iterator[tuple[int, int, list[bytes]]]:
-    keyfiles.generate_keys(base / "keys")
-    signing, exchange = load_keys(base / "keys")
+def fuzz_target(base: Path, seed: int) -> Iterator[Target]:
+    """A two-worker server on keys derived from `seed`, and the requests the cases start from."""
+    rng = random.Random(seed)  # noqa: S311  # reproducible test input, not secrets
+    signing = seeded_key(rng, "ES512", ["sign", "verify"])
+    exchange = seeded_key(rng, "ECMR", ["deriveKey"])
+    client = seeded_key(rng, "ECMR", ["deriveKey"])
+    (base / "keys").mkdir()
+    for key in (signing, exchange):
+        (base / "keys" / f"{thumbprint(key)}.jwk").write_text(json.dumps(key))
     limits = ["--request-timeout", str(REQUEST_TIMEOUT), "--keep-alive-seconds", str(KEEP_ALIVE),
               "--max-header-bytes", "8192"]  # fmt: skip
     with our_server(base / "keys", base / "server.log", *limits, workers=2) as server:
-        yield server.port, server.process.pid, seed_requests(thumbprint(exchange), thumbprint(signing))
+        yield Target(server.port, server.process.pid,
+                     seed_requests(thumbprint(exchange), thumbprint(signing), client),
+                     corpus(thumbprint(exchange), thumbprint(signing)))  # fmt: skip
         body = json.dumps(client_key()).encode()
         assert request(server.port, "POST", f"/rec/{thumbprint(exchange)}", body).status == 200
         assert request(server.port, "GET", "/adv").status == 200
@@ -275,16 +363,30 @@ def fuzz_target(base: Path) -> Iterator[tuple[int, int, list[bytes]]]:
 
 def test_raw_socket_fuzz(tmp_path: Path) -> None:
     seed = int(os.environ.get("TANG_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
-    with fuzz_target(tmp_path) as (port, parent, seeds):
-        warm_up = min(60.0, FUZZ_SECONDS / 4)  # memory settles in the first minute (allocator pools, caches)
-        tally, failures = fuzz(port, seeds, seed, warm_up)
-        before = worker_rss(parent)
-        more, more_failures = fuzz(port, seeds, seed + 1, FUZZ_SECONDS - warm_up)
-        after = worker_rss(parent)
-    tally += more
-    print(f"raw-socket fuzz, seeds {seed} and {seed + 1}, {FUZZ_SECONDS:.0f} s:", dict(sorted(tally.items())))
-    assert failures + more_failures == [], "\n".join(failures + more_failures)
-    assert tally["cases"] > 0 and tally["answered"] > 0
-    assert set(after) == set(before) and len(before) == 2, "a worker died"
-    for pid, size in before.items():
-        assert after[pid] - size < 4096, f"worker {pid} grew from {size} to {after[pid]} KiB"
+    print(f"raw-socket fuzz: seed {seed} (replay: TANG_FUZZ_SEED={seed})", flush=True)
+    only = os.environ.get("TANG_FUZZ_CASE")
+    with fuzz_target(tmp_path, seed) as target:
+        assert target.corpus, "the corpus of past findings is missing"
+        tally, failures = fuzz(target.port, iter(target.corpus))  # past findings first
+        assert tally["cases"] + len(failures) == len(target.corpus)
+        if only is not None:
+            more, more_failures = fuzz(target.port, iter([generate(seed, target.seeds, int(only))]))
+            tally += more
+            failures += more_failures
+        else:
+            warm_up = min(60.0, FUZZ_SECONDS / 4)  # memory settles in the first minute (allocator pools, caches)
+            cases = generated(seed, target.seeds, 0, warm_up)
+            more, more_failures = fuzz(target.port, cases)
+            before = worker_rss(target.parent)
+            rest, rest_failures = fuzz(target.port, generated(seed, target.seeds, more["cases"] + len(more_failures),
+                                                              FUZZ_SECONDS - warm_up))  # fmt: skip
+            after = worker_rss(target.parent)
+            tally += more + rest
+            failures += more_failures + rest_failures
+    print(f"raw-socket fuzz, seed {seed}, {FUZZ_SECONDS:.0f} s:", dict(sorted(tally.items())))
+    assert failures == [], f"seed {seed}:\n" + "\n".join(failures)
+    assert tally["cases"] > 0 and tally["answered"] > 0, f"seed {seed}"
+    if only is None:
+        assert set(after) == set(before) and len(before) == 2, f"seed {seed}: a worker died"
+        for pid, size in before.items():
+            assert after[pid] - size < 4096, f"seed {seed}: worker {pid} grew from {size} to {after[pid]} KiB"
