@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from tang_server import tangd
 
 from .support import (
     BIN,
+    REFERENCE_TANGD,
     client_key,
     free_port,
     load_keys,
@@ -50,33 +50,53 @@ def test_endpoint_option(keys: Path, tmp_path: Path) -> None:
         assert request(server.port, "GET", "/adv").status == 404
 
 
-@pytest.mark.parametrize("port", ["-1", "0", "65536", "http"])
-def test_invalid_port_exits_non_zero(keys: Path, port: str) -> None:
-    result = subprocess.run([TANGD, "-l", "-p", port, str(keys)], capture_output=True, timeout=30)
-    assert result.returncode != 0
+def _run(program: str, argv: list[str]) -> tuple[int, str, str]:
+    """Exit status, standard output and standard error, with the program's own path written as PROGRAM."""
+    result = subprocess.run([program, *argv], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    return result.returncode, result.stdout, result.stderr.replace(program, "PROGRAM")
 
 
-def test_missing_directory_exits_non_zero(tmp_path: Path) -> None:
-    result = subprocess.run([TANGD, "-l", "-p", str(free_port()), str(tmp_path / "nope")], capture_output=True)
-    assert result.returncode != 0
+# The installed reference (Debian's tang 11) predates -l, -p and -e: its usage line names only <jwkdir>. Ours
+# names the options too; everything else in the line, and the status, must be the reference's.
+OUR_OPTIONS = " [-l] [-p <port>] [-e <endpoint>]"
+
+
+@pytest.mark.parametrize(
+    "arrangement",
+    [[], ["{missing}"], ["{file}"], ["{dir}", "extra"], ["-x", "{dir}"], ["{missing}", "{dir}"]],
+    ids=["no directory", "missing directory", "a file", "extra operand", "unknown option", "two operands"],
+)
+def test_command_line_errors_as_the_reference(keys: Path, tmp_path: Path, arrangement: list[str]) -> None:
+    """Exit status and message compared with /usr/libexec/tangd run the same way."""
+    require_tools(str(REFERENCE_TANGD))
+    (tmp_path / "file").write_text("not a directory")
+    argv = [a.format(missing=tmp_path / "nope", file=tmp_path / "file", dir=keys) for a in arrangement]
+    reference = _run(str(REFERENCE_TANGD), argv)
+    ours = _run(TANGD, argv)
+    assert reference[0] != 0, reference  # each arrangement is an error for the reference
+    assert (ours[0], ours[1], ours[2].replace(OUR_OPTIONS, "")) == reference
+
+
+@pytest.mark.parametrize("port", ["-1", "0", "65536", "http", ""])
+def test_invalid_port_is_a_usage_error(keys: Path, port: str) -> None:
+    """The reference has no -p to compare with: an invalid port is our usage error, reported as the reference
+    reports any usage error (status 1, its usage line), never a traceback."""
+    assert _run(TANGD, ["-l", "-p", port, str(keys)]) == (1, "", f"Usage: PROGRAM{OUR_OPTIONS} <jwkdir>\n")
+
+
+def test_listening_checks_the_directory_as_the_reference_does(tmp_path: Path) -> None:
+    """With -l, the directory is checked before listening, with the reference's message and status."""
+    require_tools(str(REFERENCE_TANGD))
+    missing = str(tmp_path / "nope")
+    assert _run(TANGD, ["-l", "-p", str(free_port()), missing]) == _run(str(REFERENCE_TANGD), [missing])
 
 
 def test_sigterm_exits_cleanly(keys: Path, tmp_path: Path) -> None:
     port = free_port()
-    with (tmp_path / "log").open("wb") as log:
-        process = subprocess.Popen([TANGD, "-l", "-p", str(port), str(keys)], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if request(port, "GET", "/adv").status == 200:
-                    break
-            except OSError:
-                time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0
-    finally:
-        process.kill()
+    with running([TANGD, "-l", "-p", str(port), str(keys)], port, tmp_path / "log") as server:
+        assert request(port, "GET", "/adv").status == 200
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0  # bounds a hang only
 
 
 def test_one_connection_on_stdin_pipes(keys: Path) -> None:
