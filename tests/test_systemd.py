@@ -166,8 +166,10 @@ def test_ready_only_once_the_keys_are_loaded(tmp_path: Path) -> None:
         data = json.dumps(exchange).encode()
         os.write(writer, data)
         os.close(writer)
-        with _feeding(fifo, data):  # later reads of the directory (its own write was an event) get the key too
-            assert service.message()["READY"] == "1"
+        assert service.message()["READY"] == "1"
+        # Later reads of the directory (the write above was an event) get the key too. Only from now on: a feeder
+        # opening the FIFO while the first reader still has it open would append a second copy to its read.
+        with _feeding(fifo, data):
             assert _advertised(address) == {thumbprint(signing), thumbprint(exchange)}
             trigger.close()
             service.process.send_signal(signal.SIGTERM)

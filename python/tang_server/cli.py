@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -11,46 +11,40 @@ from pathlib import Path
 
 from . import __version__, client, keyfiles, server
 from .keyset import load_keyset
-from .settings import (
-    DEFAULT_DRAIN_SECONDS,
-    DEFAULT_LEDGER_CLIENTS,
-    DEFAULT_LEDGER_RETENTION_DAYS,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_TARGET_BYTES,
-    DEFAULT_MIN_IDLE_DAYS,
-    DEFAULT_PORT,
-    DEFAULT_USAGE_FLUSH_SECONDS,
-    Settings,
-)
+from .settings import DEFAULT_MIN_IDLE_DAYS, DEFAULT_PORT, Settings, non_negative, positive
 
 
-def port_number(text: str) -> int:
-    port = int(text)
-    if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError(f"invalid port: {text}")
-    return port
+def add_setting_options(serve: argparse.ArgumentParser) -> None:
+    """One option per `Settings` field: the field's default, help and parsing (settings.py is their one source)."""
+    for setting in dataclasses.fields(Settings):
+        metadata = setting.metadata
+        options = dict(metadata["argparse"])
+        flag = options.pop("flag", "--" + setting.name.replace("_", "-"))
+        default = options.pop("cli_default", setting.default)
+        help_text = metadata["help"]
+        if options.pop("switch", False):
+            options["action"] = argparse.BooleanOptionalAction
+            if default is not None:
+                help_text += f" (default: {'on' if default else 'off'})"
+        if default is dataclasses.MISSING:
+            options["required"] = True
+        elif isinstance(default, tuple):  # repeatable
+            options.update(action="append", default=list(default))
+        else:
+            options["default"] = default
+            if default not in (None, "") and "action" not in options:  # flags say their default themselves
+                help_text += " (default: %(default)s)"
+        if metadata["parse"] is not None:
+            options["type"] = metadata["parse"]
+        serve.add_argument(flag, dest=setting.name, help=help_text, **options)
 
 
-def network(text: str) -> str:
-    try:
-        ipaddress.ip_network(text, strict=False)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    return text
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
-    return value
-
-
-def non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text}")
-    return value
+def settings_from(args: argparse.Namespace) -> Settings:
+    values = {setting.name: getattr(args, setting.name) for setting in dataclasses.fields(Settings)}
+    values.update({name: tuple(value) for name, value in values.items() if isinstance(value, list)})
+    if values["auto_keygen"] is None:
+        values["auto_keygen"] = not args.fleet
+    return Settings(**values)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,110 +53,11 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the Tang protocol")
-    serve.add_argument("--keys-dir", type=Path, required=True, help="the key directory (*.jwk files)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    serve.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
-    serve.add_argument("--uds", help="listen on this Unix socket instead of TCP")
-    serve.add_argument("--workers", type=positive, default=1, help="worker processes (default: %(default)s)")
-    serve.add_argument(
-        "--exchange-threads",
-        type=int,
-        default=0,
-        help="threads per worker for the /rec multiplication (default 0: on the event loop; measured faster)",
-    )
-    serve.add_argument("--prefix", default="", help="serve the Tang routes under /PREFIX (tangd -e)")
-    serve.add_argument(
-        "--auto-keygen",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="generate a key pair when the directory has no visible key (default: on, off with --fleet)",
-    )
+    add_setting_options(serve)
     serve.add_argument(
         "--fleet",
         action="store_true",
         help="one of several replicas sharing keys: never generate keys (each replica would invent its own)",
-    )
-    serve.add_argument(
-        "--recheck-seconds",
-        type=float,
-        default=30.0,
-        help="re-read the key directory this often even without inotify events (default: %(default)s)",
-    )
-    serve.add_argument("--health-path", default="/healthz", help="liveness endpoint (default: %(default)s)")
-    serve.add_argument("--ready-path", default="/readyz", help="readiness endpoint (default: %(default)s)")
-    serve.add_argument(
-        "--allow-recovery",
-        action="append",
-        default=[],
-        type=network,
-        help="only clients in this CIDR may POST /rec (repeatable; default: everybody)",
-    )
-    serve.add_argument(
-        "--allow-advertisement",
-        action="append",
-        default=[],
-        type=network,
-        help="only clients in this CIDR may GET /adv (repeatable; default: everybody)",
-    )
-    serve.add_argument("--metrics-path", default="/metrics", help="Prometheus endpoint (default: %(default)s)")
-    serve.add_argument("--status-path", default="/status", help="key-set status JSON (default: %(default)s)")
-    serve.add_argument("--metrics-dir", help="directory for the workers' metrics files (default: a temporary one)")
-    serve.add_argument("--max-target-bytes", type=positive, default=DEFAULT_MAX_TARGET_BYTES)
-    serve.add_argument("--request-timeout", type=float, default=10.0, help="seconds for a whole request to arrive")
-    serve.add_argument("--max-header-bytes", type=positive, default=32768)
-    serve.add_argument("--keep-alive-seconds", type=float, default=5.0, help="idle kept-alive connections close")
-    serve.add_argument(
-        "--max-queue-ms",
-        type=float,
-        default=1000.0,
-        help="a /rec queued longer than this gets 503 + Retry-After at once (0: off; default %(default)s)",
-    )
-    serve.add_argument("--max-connections", type=positive, help="per worker; beyond it requests get 503")
-    serve.add_argument("--max-body-bytes", type=positive, default=DEFAULT_MAX_BODY_BYTES)
-    serve.add_argument(
-        "--drain-seconds",
-        type=non_negative,
-        default=DEFAULT_DRAIN_SECONDS,
-        help="on SIGTERM, serve this long while not ready (load balancers take the replica out), then stop "
-        "accepting and answer what was received (default: %(default)s)",
-    )
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
-    serve.add_argument("--access-log-format", choices=["plain", "json"], default="plain")
-    serve.add_argument(
-        "--trusted-proxy",
-        action="append",
-        default=[],
-        type=network,
-        help="CIDR of a proxy whose X-Forwarded-For names the client in the access log (repeatable)",
-    )
-    serve.add_argument(
-        "--state-dir",
-        help="keep a ledger of which keys answer recoveries here (SQLite; default: none, no ledger)",
-    )
-    serve.add_argument(
-        "--ledger-clients",
-        type=lambda text: int(non_negative(text)),
-        default=DEFAULT_LEDGER_CLIENTS,
-        help="client addresses the ledger keeps per key, the most recent (0: none; default: %(default)s)",
-    )
-    serve.add_argument(
-        "--ledger-retention-days",
-        type=non_negative,
-        default=DEFAULT_LEDGER_RETENTION_DAYS,
-        help="forget a key absent from the key set this long (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--usage-flush-seconds",
-        type=non_negative,
-        default=DEFAULT_USAGE_FLUSH_SECONDS,
-        help="write recovery usage to the metrics and the ledger this often (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--handoff-socket",
-        metavar="PATH|none",
-        help="Unix socket on which tangd (inetd mode) hands its connections over (default: one derived from the "
-        "key directory, which tangd finds by itself; `none`: off)",
     )
 
     keygen = commands.add_parser("keygen", help="write a new signing and exchange key pair (like tangd-keygen)")
@@ -329,43 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "distribute keys with a Secret or shared volume instead", file=sys.stderr)  # fmt: skip
         return 2
     if args.command == "serve":
-        server.serve(
-            Settings(
-                keys_dir=args.keys_dir,
-                host=args.host,
-                port=args.port,
-                uds=args.uds,
-                workers=args.workers,
-                exchange_threads=args.exchange_threads,
-                prefix=args.prefix,
-                auto_keygen=not args.fleet if args.auto_keygen is None else args.auto_keygen,
-                recheck_seconds=args.recheck_seconds,
-                health_path=args.health_path,
-                ready_path=args.ready_path,
-                metrics_path=args.metrics_path,
-                status_path=args.status_path,
-                metrics_dir=args.metrics_dir,
-                max_target_bytes=args.max_target_bytes,
-                max_body_bytes=args.max_body_bytes,
-                drain_seconds=args.drain_seconds,
-                request_timeout=args.request_timeout,
-                max_header_bytes=args.max_header_bytes,
-                keep_alive_seconds=args.keep_alive_seconds,
-                max_connections=args.max_connections,
-                max_queue_ms=args.max_queue_ms,
-                log_level=args.log_level,
-                access_log=args.access_log,
-                access_log_format=args.access_log_format,
-                trusted_proxies=tuple(args.trusted_proxy),
-                allow_recovery=tuple(args.allow_recovery),
-                allow_advertisement=tuple(args.allow_advertisement),
-                state_dir=args.state_dir,
-                ledger_clients=args.ledger_clients,
-                ledger_retention_days=args.ledger_retention_days,
-                usage_flush_seconds=args.usage_flush_seconds,
-                handoff_socket="" if args.handoff_socket == "none" else args.handoff_socket,
-            )
-        )
+        server.serve(settings_from(args))
     elif args.command == "keygen":
         try:
             written = keyfiles.generate_keys(args.directory)

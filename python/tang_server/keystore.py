@@ -34,6 +34,7 @@ from inotify_simple import INotify, flags
 
 from . import keyfiles
 from .keyset import KeySet, load_keyset, scan_directory
+from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ _WATCH_GONE = flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF
 #: While the directory cannot be watched (removed, not yet created), look for it this often.
 _MISSING_RETRY_SECONDS = 0.5
 
-DEFAULT_RECHECK_SECONDS = 30.0
-
 
 class KeyStoreListener(Protocol):
     """Told about every key set swapped in and every failed read (the metrics implement it)."""
@@ -71,7 +70,7 @@ class KeyStore:
         directory: Path,
         *,
         auto_keygen: bool,
-        recheck_seconds: float = DEFAULT_RECHECK_SECONDS,
+        recheck_seconds: float = Settings.recheck_seconds,
         listener: KeyStoreListener | None = None,
     ) -> None:
         self.directory = directory

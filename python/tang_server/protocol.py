@@ -35,6 +35,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .app import ARRIVAL_EXTENSION, RAW_TARGET_EXTENSION, Request
 from .direct import DirectAnswers, DirectRequest, answer_bytes, framed_by_length
 from .responses import Answer
+from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,9 @@ _STATUS_LINES = {
 
 class TangHttpProtocol(HttpToolsProtocol):
     # Set per process from the settings (`configure`); uvicorn instantiates the class itself.
-    request_timeout = 10.0
-    max_target_bytes = 4096
-    max_header_bytes = 32768
+    request_timeout = Settings.request_timeout
+    max_target_bytes = Settings.max_target_bytes
+    max_header_bytes = Settings.max_header_bytes
 
     client_done = False
     _headers_done = False

@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     from pathlib import Path
     from typing import NoReturn
 
-    from .cli import port_number
+    from .settings import port_number
 
     class Parser(argparse.ArgumentParser):
         """A command-line error is reported as the reference reports it: its usage line, exit status 1."""
