@@ -1,6 +1,11 @@
 """Load harness: our server, the reference C server and the two ceilings, measured by wrk in one run.
 
     python bench/load.py [--seconds 5] [--connections 16] [--workers 1] [--output bench/results/load.json]
+                         [--baseline DIR] [--peers reference,constant]
+
+`--baseline DIR` also measures another version of our server, DIR holding its `tang_server` package (for
+example `git archive REV python | tar -x -C DIR`, plus the built `_native*.so`), right after ours on the same
+keys and CPUs, to compare a change before and after in one run.
 
 Everything runs on this machine and loopback only. Each server is started alone, on the same key directory (made
 by the reference's tangd-keygen), pinned to the server CPUs while wrk runs on the load CPU, so that a one-core
@@ -86,12 +91,15 @@ def cpu_seconds(root: int) -> float:
 
 
 @contextlib.contextmanager
-def started(command: list[str], port: int, cpus: str) -> Iterator[subprocess.Popen[bytes]]:
+def started(
+    command: list[str], port: int, cpus: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(
         ["taskset", "-c", cpus, *command],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env=env,
     )
     try:
         wait_for(port)
@@ -217,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-cpus", default="1", help="taskset CPU list for the servers")
     parser.add_argument("--load-cpus", default="0", help="taskset CPU list for wrk")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "load.json")
+    parser.add_argument("--baseline", type=Path, help="a directory holding another version's tang_server package")
+    parser.add_argument("--peers", default="reference,constant", help="other servers to measure (comma list)")
     args = parser.parse_args(argv)
+    peers = set(filter(None, args.peers.split(",")))
 
     work = Path(tempfile.mkdtemp(prefix="tang-load-"))
     try:
@@ -231,59 +242,80 @@ def main(argv: list[str] | None = None) -> int:
         with started(ours, port, args.server_cpus) as process:
             results += measure("ours", process, f"http://127.0.0.1:{port}", routes, args)
 
-        port = free_port()
-        reference = [
-            "socat",
-            f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024",
-            f"EXEC:/usr/libexec/tangd {keys}",
-        ]
-        print("reference (tangd through socat):", flush=True)
-        with started(reference, port, args.server_cpus) as process:
-            results += measure("reference", process, f"http://127.0.0.1:{port}", routes, args)
+        if args.baseline is not None:
+            port = free_port()
+            print(f"baseline ({args.baseline}):", flush=True)
+            environment = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
+            command = serve_command(keys, port, args.workers)
+            with started(command, port, args.server_cpus, environment) as process:
+                results += measure("baseline", process, f"http://127.0.0.1:{port}", routes, args)
 
-        port = free_port()
-        constant = [
-            str(BIN / "uvicorn"),
-            "constant_app:app",
-            "--app-dir",
-            str(HERE),
-            "--port",
-            str(port),
-            "--workers",
-            str(args.workers),
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ]
-        print("constant bytes (bare uvicorn):", flush=True)
-        with started(constant, port, args.server_cpus) as process:
-            results += measure("constant", process, f"http://127.0.0.1:{port}", {"adv": ("/adv", None)}, args)
+        if "reference" in peers:
+            port = free_port()
+            reference = [
+                "socat",
+                f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024",
+                f"EXEC:/usr/libexec/tangd {keys}",
+            ]
+            print("reference (tangd through socat):", flush=True)
+            with started(reference, port, args.server_cpus) as process:
+                results += measure("reference", process, f"http://127.0.0.1:{port}", routes, args)
+
+        if "constant" in peers:
+            port = free_port()
+            constant = [
+                str(BIN / "uvicorn"),
+                "constant_app:app",
+                "--app-dir",
+                str(HERE),
+                "--port",
+                str(port),
+                "--workers",
+                str(args.workers),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ]
+            print("constant bytes (bare uvicorn):", flush=True)
+            with started(constant, port, args.server_cpus) as process:
+                results += measure("constant", process, f"http://127.0.0.1:{port}", {"adv": ("/adv", None)}, args)
 
         mul_rate = pure_multiplication_rate(args.seconds, args.server_cpus.split(",")[0])
         openssl_rate = openssl_speed(args.seconds, args.server_cpus.split(",")[0])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def rate(server: str, route: str, connection: str) -> float:
-        return next(
-            r.requests_per_second for r in results if (r.server, r.route, r.connection) == (server, route, connection)
-        )
+    def rate(server: str, route: str, connection: str) -> float | None:
+        wanted = (server, route, connection)
+        return next((r.requests_per_second for r in results if (r.server, r.route, r.connection) == wanted), None)
+
+    def ratio(numerator: float | None, denominator: float | None) -> float | None:
+        return numerator / denominator if numerator is not None and denominator else None
 
     ratios = {
-        "rec_vs_reference_kept_alive": rate("ours", "rec", "kept-alive") / rate("reference", "rec", "kept-alive"),
-        "rec_vs_reference_new_connection": rate("ours", "rec", "new") / rate("reference", "rec", "new"),
-        "adv_vs_reference_kept_alive": rate("ours", "adv", "kept-alive") / rate("reference", "adv", "kept-alive"),
-        "adv_vs_reference_new_connection": rate("ours", "adv", "new") / rate("reference", "adv", "new"),
-        "adv_vs_constant_app_kept_alive": rate("ours", "adv", "kept-alive") / rate("constant", "adv", "kept-alive"),
-        "rec_per_worker_vs_pure_multiplication": rate("ours", "rec", "kept-alive") / (mul_rate * args.workers),
+        "rec_vs_reference_kept_alive": ratio(rate("ours", "rec", "kept-alive"), rate("reference", "rec", "kept-alive")),
+        "rec_vs_reference_new_connection": ratio(rate("ours", "rec", "new"), rate("reference", "rec", "new")),
+        "adv_vs_reference_kept_alive": ratio(rate("ours", "adv", "kept-alive"), rate("reference", "adv", "kept-alive")),
+        "adv_vs_reference_new_connection": ratio(rate("ours", "adv", "new"), rate("reference", "adv", "new")),
+        "adv_vs_constant_app_kept_alive": ratio(
+            rate("ours", "adv", "kept-alive"), rate("constant", "adv", "kept-alive")
+        ),
+        "rec_per_worker_vs_pure_multiplication": ratio(rate("ours", "rec", "kept-alive"), mul_rate * args.workers),
         "multiplication_vs_openssl_speed": mul_rate / openssl_rate,
+        # What a new connection costs: the boot-storm load (curl in clevis) against kept-alive clients.
+        "rec_new_connection_vs_kept_alive": ratio(rate("ours", "rec", "new"), rate("ours", "rec", "kept-alive")),
     }
+    for route in routes:
+        for connection in ("kept-alive", "new"):
+            key = f"{route}_{connection}_vs_baseline"
+            ratios[key] = ratio(rate("ours", route, connection), rate("baseline", route, connection))
+    ratios = {name: value for name, value in ratios.items() if value is not None}
     report = {
-        "settings": vars(args) | {"output": str(args.output)},
+        "settings": {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()},
         "pure_multiplication_per_second": mul_rate,
         "openssl_speed_ecdhp521_per_second": openssl_rate,
         "measurements": [asdict(r) for r in results],
