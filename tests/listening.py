@@ -114,3 +114,22 @@ def kernel_listeners(pid: int) -> set[str]:
             if len(fields) >= 8 and fields[3] == "00010000" and int(fields[6]) in inodes:  # __SO_ACCEPTCON
                 found.add(f"unix {fields[7]}")
     return found
+
+
+def worker_pids(parent: int) -> set[int]:
+    """The live worker processes of a server: its children, without zombies and multiprocessing's resource
+    tracker (a worker killed and not yet reaped is a zombie, with no memory to report)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+            command = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        alive = not fields.get("State", "").strip().startswith(("Z", "X"))
+        if int(fields["PPid"]) == parent and alive and b"resource_tracker" not in command:
+            found.add(int(entry))
+    return found

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -66,7 +67,12 @@ def test_one_name_is_one_replica_per_address(keys: Path, tmp_path: Path) -> None
     shutil.copytree(keys, copy)
     with two_replicas(keys, copy, tmp_path / "log") as (one, two):
         target = f"http://{NAME}:{one.port}"
+        deadline = time.monotonic() + 30
         replicas = fleet.survey([target])
+        while not all(len(replica.workers) == 2 for replica in replicas):
+            assert time.monotonic() < deadline, fleet.report(replicas)  # bounds a hang: workers still starting
+            time.sleep(0.2)
+            replicas = fleet.survey([target])
         assert [replica.url for replica in replicas] == [f"http://{address}:{one.port}" for address in ADDRESSES]
         assert all(replica.error is None and len(replica.workers) == 2 for replica in replicas)
         assert fleet.agreed_digest(replicas) == digest(keys)

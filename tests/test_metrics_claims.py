@@ -16,7 +16,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .support import client_key, load_keys, our_server, request, thumbprint, worker_rss
+from .listening import worker_pids
+from .support import client_key, load_keys, our_server, request, thumbprint
 
 Samples = list[tuple[str, dict[str, str], float]]
 
@@ -76,9 +77,9 @@ def test_requests_in_flight_counts_a_request_being_answered(keys: Path, tmp_path
 def test_keyset_ready_and_last_reload_per_worker(keys: Path, tmp_path: Path) -> None:
     started = time.time()
     with our_server(keys, tmp_path / "log", "--no-auto-keygen", workers=2) as server:
-        pids = {str(pid) for pid in worker_rss(server.process.pid)}
-        samples = eventually(server.port, lambda s: set(by_pid(s, "tang_keyset_ready")) == pids)
-        assert set(by_pid(samples, "tang_keyset_ready").values()) == {1.0}
+        pids = {str(pid) for pid in worker_pids(server.process.pid)}
+        # Every worker reports, and is ready once it has loaded the keys.
+        samples = eventually(server.port, lambda s: by_pid(s, "tang_keyset_ready") == dict.fromkeys(pids, 1.0))
         loaded = by_pid(samples, "tang_keyset_last_reload_timestamp_seconds")
         assert set(loaded) == pids
         assert all(started - 1 <= value <= time.time() for value in loaded.values())
@@ -132,13 +133,13 @@ def test_metrics_directory_is_emptied_at_start(keys: Path, tmp_path: Path) -> No
 
 def test_dead_workers_are_marked_and_their_series_go(keys: Path, tmp_path: Path) -> None:
     with our_server(keys, tmp_path / "log", workers=2) as server:
-        before = {str(pid) for pid in worker_rss(server.process.pid)}
+        before = {str(pid) for pid in worker_pids(server.process.pid)}
         eventually(server.port, lambda s: set(by_pid(s, "tang_keyset_ready")) == before)
         victim = sorted(before)[0]
         os.kill(int(victim), signal.SIGKILL)
 
         def replaced(samples: Samples) -> bool:
-            live = {str(pid) for pid in worker_rss(server.process.pid)}
+            live = {str(pid) for pid in worker_pids(server.process.pid)}
             shown = set(by_pid(samples, "tang_keyset_ready"))
             return len(live) == 2 and victim not in live and shown == live
 

@@ -10,8 +10,9 @@ from typing import Any
 
 from tang_server import b64, keyfiles
 
+from .listening import worker_pids
 from .oracles import digest, key_files, kids
-from .support import our_server, request, require_tools, worker_rss
+from .support import our_server, request, require_tools
 
 
 def _members(document: Any) -> set[str]:
@@ -31,7 +32,7 @@ def test_status_is_the_workers_key_set_and_public_only(keys: Path, tmp_path: Pat
     expected = kids(keys)
     started = time.time()
     with our_server(keys, tmp_path / "log", "--no-auto-keygen", workers=2) as server:
-        workers = set(worker_rss(server.process.pid))
+        workers = worker_pids(server.process.pid)
         answers = [request(server.port, "GET", "/status") for _ in range(8)]
     for answer in answers:
         assert answer.status == 200
