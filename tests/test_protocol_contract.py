@@ -224,6 +224,21 @@ def test_shutdown_answers_every_pipelined_request_then_closes(app: TangApplicati
     run(test, app)
 
 
+def test_pipelined_requests_arriving_after_shutdown_are_all_answered(app: TangApplication) -> None:
+    """A partial request holds the connection open through shutdown; the rest arrives with more pipelined
+    requests in the same read. Answering the first (when the second begins) must not close the connection: the
+    others are already read from the socket, so the kernel shows nothing left (found by tests/test_drain.py)."""
+
+    async def test(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        protocol.data_received(ADV[:10])
+        protocol.shutdown()
+        protocol.data_received(ADV[10:] + ADV + ADV)
+        await until(lambda: transport.closed)
+        assert statuses(transport.take()) == [b"200"] * 3
+
+    run(test, app)
+
+
 def test_shutdown_of_a_general_cycle_says_connection_close(app: TangApplication) -> None:
     """uvicorn writes `connection: close` and closes after the answer when the cycle's `keep_alive` is False."""
 

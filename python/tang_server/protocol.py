@@ -81,11 +81,13 @@ class TangHttpProtocol(HttpToolsProtocol):
             self._refuse(431)  # headers still not complete: do not buffer more
 
     def on_message_begin(self) -> None:
+        # A next request has begun: answering the previous one below must not find the connection finished and
+        # close it (the bytes of this request are already read from the socket, so the kernel shows none).
+        self._message_done = False
         if self._pending is not None:
             self._answer_pending(blocking=True)  # a pipelined request: answers leave in request order
         super().on_message_begin()
         self._headers_done = False
-        self._message_done = False
         self._header_bytes = 0
         if self._request_timer is None:
             self._start_deadline()
