@@ -45,7 +45,7 @@ SOURCES := pyproject.toml Cargo.toml Cargo.lock $(wildcard rust/*/Cargo.toml) \
 DIST ?= dist
 WHEEL_TAG := manylinux_2_28
 
-.PHONY: help prerequisites run test floor-test lock dist lint bench capacity soak overload fuzz fuzz-smoke cargo-fuzz debian-packages rust-test python-test clean
+.PHONY: help prerequisites run test floor-test lock dist lint cargo-llvm-cov bench capacity soak overload fuzz fuzz-smoke cargo-fuzz debian-packages rust-test python-test clean
 
 help:
 	@echo "make run    serve the Tang protocol on $(HOST):$(PORT) from ./$(KEYS) (keys generated on first start)"
@@ -89,11 +89,19 @@ debian-packages:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	fi
 
-rust-test:
-	cargo test --workspace --locked
+# The Rust tests, instrumented: cargo llvm-cov runs `cargo test --workspace` and reports line coverage.
+CARGO_LLVM_COV_VERSION := 0.9.1
+cargo-llvm-cov:
+	@cargo llvm-cov --version >/dev/null 2>&1 || { rustup component add llvm-tools-preview && \
+		cargo install --locked cargo-llvm-cov --version $(CARGO_LLVM_COV_VERSION); }
 
+rust-test: cargo-llvm-cov
+	cargo llvm-cov --workspace --locked --summary-only
+
+# The Python tests, with the coverage of python/tang_server over every process they start, and the lines no test
+# runs listed (no threshold: the list is for readers; README, "How it is tested").
 python-test: $(DEV_STAMP) $(STAMP) debian-packages
-	$(BIN)/pytest
+	tools/coverage
 
 # The Python tests against the minimum version of every runtime dependency pyproject.toml declares (CI runs it).
 $(FLOOR_VENV)/.installed: requirements/floor.lock $(SOURCES) | prerequisites
