@@ -1,11 +1,13 @@
 """Load harness: our server, the reference C server and the two ceilings, measured by wrk in one run.
 
     python bench/load.py [--seconds 5] [--connections 16] [--workers 1] [--output bench/results/load.json]
-                         [--baseline DIR] [--peers reference,constant]
+                         [--baseline DIR] [--variant NAME=ARGS]... [--peers reference,constant]
 
 `--baseline DIR` also measures another version of our server, DIR holding its `tang_server` package (for
 example `git archive REV python | tar -x -C DIR`, plus the built `_native*.so`), right after ours on the same
-keys and CPUs, to compare a change before and after in one run.
+keys and CPUs, to compare a change before and after in one run. `--variant NAME=ARGS` measures our server again
+with extra `serve` arguments (`{work}` is the run's scratch directory), e.g. `--variant ledger="--state-dir
+{work}/state"` for what the recovery ledger costs; ratios compare each with `ours`.
 
 Everything runs on this machine and loopback only. Each server is started alone, on the same key directory (made
 by the reference's tangd-keygen), pinned to the server CPUs while wrk runs on the load CPU, so that a one-core
@@ -21,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -226,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-cpus", default="0", help="taskset CPU list for wrk")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "load.json")
     parser.add_argument("--baseline", type=Path, help="a directory holding another version's tang_server package")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=ARGS: ours with extra serve arguments")
     parser.add_argument("--peers", default="reference,constant", help="other servers to measure (comma list)")
     args = parser.parse_args(argv)
     peers = set(filter(None, args.peers.split(",")))
@@ -249,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
             command = serve_command(keys, port, args.workers)
             with started(command, port, args.server_cpus, environment) as process:
                 results += measure("baseline", process, f"http://127.0.0.1:{port}", routes, args)
+
+        for variant in args.variant:
+            name, _, extra = variant.partition("=")
+            port = free_port()
+            command = serve_command(keys, port, args.workers, *shlex.split(extra.replace("{work}", str(work))))
+            print(f"{name} (ours with {extra}):", flush=True)
+            with started(command, port, args.server_cpus) as process:
+                results += measure(name, process, f"http://127.0.0.1:{port}", routes, args)
 
         if "reference" in peers:
             port = free_port()
@@ -309,10 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         # What a new connection costs: the boot-storm load (curl in clevis) against kept-alive clients.
         "rec_new_connection_vs_kept_alive": ratio(rate("ours", "rec", "new"), rate("ours", "rec", "kept-alive")),
     }
+    others = ["baseline"] + [variant.partition("=")[0] for variant in args.variant]
     for route in routes:
         for connection in ("kept-alive", "new"):
-            key = f"{route}_{connection}_vs_baseline"
-            ratios[key] = ratio(rate("ours", route, connection), rate("baseline", route, connection))
+            for other in others:
+                key = f"{route}_{connection}_{other}_vs_ours"
+                ratios[key] = ratio(rate(other, route, connection), rate("ours", route, connection))
     ratios = {name: value for name, value in ratios.items() if value is not None}
     report = {
         "settings": {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()},
