@@ -18,8 +18,8 @@ from pathlib import Path
 import httptools
 import uvloop
 
-from tang_server.keyset import load_keyset
-from tang_server.recovery import recover
+from tang_server.keys.keyset import load_keyset
+from tang_server.keys.recovery import recover
 
 
 class MinimalProtocol(asyncio.Protocol):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from tang_server import keyfiles
-from tang_server.keystore import KeyStore
+from tang_server.keys import keyfiles
+from tang_server.keys.keystore import KeyStore
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from tang_server import b64, keyfiles
-from tang_server.keyset import build_keyset, load_keyset, read_key_files
-from tang_server.recovery import recover
+from tang_server.keys import b64, keyfiles
+from tang_server.keys.keyset import build_keyset, load_keyset, read_key_files
+from tang_server.keys.recovery import recover
 
 
 @pytest.fixture(scope="module")

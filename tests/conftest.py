@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tang_server import keyfiles
+from tang_server.keys import keyfiles
 
 from .support import Server, our_server, reference_keygen
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tang_server import b64, jwk
+from tang_server.keys import b64, jwk
 
 REFERENCE_TANGD = Path("/usr/libexec/tangd")
 REFERENCE_KEYGEN = Path("/usr/libexec/tangd-keygen")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tang_server.clientaddress import client_address, parse_networks
+from tang_server.http.clientaddress import client_address, parse_networks
 
 from .support import (
     assert_no_secrets,

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from tang_server import b64, keyfiles
+from tang_server.keys import b64, keyfiles
 
 from .reference import (
     directory_without_keygen,

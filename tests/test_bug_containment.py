@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from tang_server.app import TangApplication
-from tang_server.protocol import TangHttpProtocol
-from tang_server.server import build_application
+from tang_server.http.app import TangApplication
+from tang_server.http.protocol import TangHttpProtocol
+from tang_server.serving.server import build_application
 from tang_server.settings import Settings
 
 from .support import client_key, load_keys, parse_response, thumbprint

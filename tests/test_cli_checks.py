@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tang_server import b64, keyfiles
-from tang_server.keyset import load_keyset
+from tang_server.keys import b64, keyfiles
+from tang_server.keys.keyset import load_keyset
 
 from .oracles import digest, jose_thumbprint
 from .support import BIN, SecretVolume, load_keys, our_server, request, require_tools

@@ -30,9 +30,11 @@ from pathlib import Path
 
 import pytest
 
-from tang_server import cli, jwk, keyfiles, server
-from tang_server.keyset import KeyKind, load_keyset
-from tang_server.keystore import KeyStore
+from tang_server import cli
+from tang_server.keys import jwk, keyfiles
+from tang_server.keys.keyset import KeyKind, load_keyset
+from tang_server.keys.keystore import KeyStore
+from tang_server.serving import server
 from tang_server.settings import Settings
 
 from . import crashpoint

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from tang_server import keyfiles
-from tang_server.fleet import replica_urls
-from tang_server.keyset import load_keyset
+from tang_server.keys import keyfiles
+from tang_server.keys.keyset import load_keyset
+from tang_server.ops.fleet import replica_urls
 
 from .support import BIN, our_server, request
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tang_server import b64, keyfiles
-from tang_server.keyset import KeyKind, load_keyset
+from tang_server.keys import b64, keyfiles
+from tang_server.keys.keyset import KeyKind, load_keyset
 
 from .support import (
     BIN,

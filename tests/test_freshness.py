@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from tang_server import b64, keyfiles
+from tang_server.keys import b64, keyfiles
 
 from .support import client_key, load_keys, our_server, request, thumbprint
 

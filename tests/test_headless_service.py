@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from tang_server import fleet, keyfiles
+from tang_server.keys import keyfiles
+from tang_server.ops import fleet
 
 from .listening import PortTaken, launched
 from .oracles import digest

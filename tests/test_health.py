@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from tang_server import keyfiles
+from tang_server.keys import keyfiles
 
 from .support import our_server, request
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 import tang_server
-from tang_server import keyfiles
+from tang_server.keys import keyfiles
 from tang_server.settings import Settings
 
 from .support import BIN, SecretVolume, free_port, require_tools, running

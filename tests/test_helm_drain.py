@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tang_server.server import stop_bound
+from tang_server.serving.server import stop_bound
 from tang_server.settings import Settings
 
 from .test_helm import of_kind, render

@@ -165,7 +165,7 @@ def _complete(data: bytes) -> bool:
 
 @pytest.fixture(scope="module")
 def hostile_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
-    from tang_server import keyfiles
+    from tang_server.keys import keyfiles
 
     base = tmp_path_factory.mktemp("hostile")
     keyfiles.generate_keys(base / "keys")

@@ -37,7 +37,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tang_server import b64
+from tang_server.keys import b64
 
 from .support import client_key, our_server, request, thumbprint, worker_rss
 from .test_hostile import cases as hostile_cases

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tang_server import keyfiles
+from tang_server.keys import keyfiles
 
 from .support import (
     BIN,
@@ -182,10 +182,10 @@ def test_check_detects_a_wrong_recovery(keys: Path) -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from tang_server import b64
     from tang_server._native import ExchangeKey
-    from tang_server.check import CheckFailed, check
-    from tang_server.keyset import load_keyset
+    from tang_server.keys import b64
+    from tang_server.keys.keyset import load_keyset
+    from tang_server.ops.check import CheckFailed, check
 
     advertisement = load_keyset(keys).default_advertisement
     wrong = keyfiles.generate_pair()[1]

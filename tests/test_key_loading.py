@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tang_server import b64, keyfiles
-from tang_server.keyset import load_keyset
+from tang_server.keys import b64, keyfiles
+from tang_server.keys.keyset import load_keyset
 
 from .listening import launched
 from .oracles import jose_thumbprint

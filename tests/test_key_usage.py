@@ -12,9 +12,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tang_server import keyfiles, ledger
-from tang_server.keyset import load_keyset
-from tang_server.retirement import DAY, Seen, Source, judge
+from tang_server.keys import keyfiles
+from tang_server.keys.keyset import load_keyset
+from tang_server.ops import ledger
+from tang_server.ops.retirement import DAY, Seen, Source, judge
 
 from .support import BIN, Server, our_server, raw_request
 from .test_ledger import FAST_FLUSH, eventually, exchange_kid, recover

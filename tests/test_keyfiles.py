@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tang_server import keyfiles
-from tang_server.keyset import KeyKind, load_keyset
+from tang_server.keys import keyfiles
+from tang_server.keys.keyset import KeyKind, load_keyset
 
 from .support import BIN, our_server, require_tools, thumbprint
 

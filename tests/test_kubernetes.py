@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from tang_server import fleet, keyfiles, kube
-from tang_server.keyset import load_keyset
+from tang_server.keys import keyfiles
+from tang_server.keys.keyset import load_keyset
+from tang_server.ops import fleet, kube
 
 from .support import BIN, SecretVolume, our_server, request
 

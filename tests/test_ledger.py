@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tang_server import ledger
-from tang_server.ledger import Batch, Ledger
+from tang_server.ops import ledger
+from tang_server.ops.ledger import Batch, Ledger
 
 from .support import Server, client_key, load_keys, our_server, raw_request, thumbprint
 
@@ -107,7 +107,7 @@ def _answers(server: Server) -> bool:
 
 WRITER = """
 import sys
-from tang_server.ledger import Batch, Ledger
+from tang_server.ops.ledger import Batch, Ledger
 ledger = Ledger(sys.argv[1], clients=2, retention_days=90)
 total = 0
 while True:

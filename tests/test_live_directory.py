@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tang_server import b64, keyfiles
-from tang_server.keyset import load_keyset
+from tang_server.keys import b64, keyfiles
+from tang_server.keys.keyset import load_keyset
 
 from .support import (
     SecretVolume,

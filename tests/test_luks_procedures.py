@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tang_server.keyset import load_keyset
+from tang_server.keys.keyset import load_keyset
 
 from .luks import (
     TANGD_KEYGEN,

@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from tang_server import b64, keyfiles
+from tang_server.keys import b64, keyfiles
 
 from .support import load_keys, our_server, thumbprint
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tang_server import keyfiles
-from tang_server.keyset import KeyKind, load_keyset
+from tang_server.keys import keyfiles
+from tang_server.keys.keyset import KeyKind, load_keyset
 
 from . import promql
 from .support import Server, client_key, free_port, load_keys, our_server, request, require_tools, running, thumbprint

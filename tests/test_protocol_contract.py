@@ -22,10 +22,10 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
-from tang_server.app import TangApplication
-from tang_server.keystore import KeyStore
-from tang_server.protocol import TangHttpProtocol
-from tang_server.server import DrainingServer
+from tang_server.http.app import TangApplication
+from tang_server.http.protocol import TangHttpProtocol
+from tang_server.keys.keystore import KeyStore
+from tang_server.serving.server import DrainingServer
 from tang_server.settings import Settings
 
 ADV = b"GET /adv HTTP/1.1\r\nHost: t\r\n\r\n"

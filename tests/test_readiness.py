@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tang_server import b64, keyfiles
+from tang_server.keys import b64, keyfiles
 
 from .oracles import digest, jose_thumbprint, key_files
 from .support import client_key, load_keys, our_server, request, require_tools

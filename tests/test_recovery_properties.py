@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tang_server import keyfiles
+from tang_server.keys import keyfiles
 
 from .reference import Pair, jose_exchange, jose_thumbprint, pair
 from .support import Response, client_key, load_keys, request

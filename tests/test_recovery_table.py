@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tang_server import b64, keyfiles
+from tang_server.keys import b64, keyfiles
 
 from .reference import (
     HASHES,

@@ -7,7 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from tang_server import b64
+from tang_server.keys import b64
 
 from .oracles import jose_thumbprint, key_files
 from .support import BIN, REFERENCE_TANGD, free_port, request, require_tools, running, serve_command

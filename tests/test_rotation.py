@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tang_server import keyfiles
-from tang_server.keyset import KeyKind, load_keyset, scan_directory
+from tang_server.keys import keyfiles
+from tang_server.keys.keyset import KeyKind, load_keyset, scan_directory
 
 from .support import BIN, client_key, our_server, request, thumbprint
 

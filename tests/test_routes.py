@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tang_server import keyfiles
+from tang_server.keys import keyfiles
 
 from .reference import Pair, assert_same_answer, http, jose_exchange, jose_thumbprint, pair, read_response
 from .support import (

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tang_server import b64, keyfiles
-from tang_server.keyset import KeyKind, KeySet, load_keyset
-from tang_server.keystore import KeyStore
-from tang_server.recovery import recover
+from tang_server.keys import b64, keyfiles
+from tang_server.keys.keyset import KeyKind, KeySet, load_keyset
+from tang_server.keys.keystore import KeyStore
+from tang_server.keys.recovery import recover
 
 from .support import client_key, reference_keygen, thumbprint
 
@@ -211,7 +211,7 @@ def test_live_key_store_holds_no_private_scalar(directory: Path, tmp_path: Path)
 _SERVER_WALK = """
 import json, os, sys
 from pathlib import Path
-from tang_server.server import build_application
+from tang_server.serving.server import build_application
 from tang_server.settings import Settings
 from tests.test_secrets import Secrets, findings
 keys = Path(sys.argv[1])

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tang_server import b64, keyfiles
+from tang_server.keys import b64, keyfiles
 
 from .listening import worker_pids
 from .oracles import digest, key_files, kids

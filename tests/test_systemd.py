@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tang_server import keyfiles
+from tang_server.keys import keyfiles
 
 from .support import BIN, free_port, thumbprint
 

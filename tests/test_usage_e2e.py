@@ -8,8 +8,8 @@ import re
 import time
 from pathlib import Path
 
-from tang_server import ledger
-from tang_server.keyset import load_keyset
+from tang_server.keys.keyset import load_keyset
+from tang_server.ops import ledger
 
 from .luks import clevis_decrypt, clevis_encrypt, protected_header, tool_env
 from .support import our_server, require_tools

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tang_server import b64
+from tang_server.keys import b64
 
 from .support import (
     BIN,

@@ -9,9 +9,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__, client, keyfiles, server
-from .keyset import load_keyset
-from .settings import DEFAULT_MIN_IDLE_DAYS, DEFAULT_PORT, Settings, non_negative, positive
+from tang_server import __version__
+from tang_server.keys import keyfiles
+from tang_server.keys.keyset import load_keyset
+from tang_server.ops import client
+from tang_server.serving import server
+from tang_server.settings import DEFAULT_MIN_IDLE_DAYS, DEFAULT_PORT, Settings, non_negative, positive
 
 
 def add_setting_options(serve: argparse.ArgumentParser) -> None:
@@ -166,7 +169,7 @@ def rotate(args: argparse.Namespace) -> None:
 
 
 def fleet_command(args: argparse.Namespace) -> int:
-    from . import fleet  # imports prometheus-client, which the serve path must import later
+    from tang_server.ops import fleet  # imports prometheus-client, which the serve path must import later
 
     if args.fleet_command == "status":
         replicas = fleet.survey(args.targets)
@@ -178,7 +181,7 @@ def fleet_command(args: argparse.Namespace) -> int:
 
 
 def kubernetes_command(args: argparse.Namespace) -> int:
-    from . import fleet, kube
+    from tang_server.ops import fleet, kube
 
     if args.kube_command == "secret":
         print(json.dumps(kube.secret_manifest(args.directory, args.name, args.namespace), indent=2))
@@ -240,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"tang-server rotate: {exc}", file=sys.stderr)
             return 1
     elif args.command == "delete-hidden":
-        from .retirement import guard_deletion
+        from tang_server.ops.retirement import guard_deletion
 
         if not guard_deletion(args):
             return 1
@@ -254,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not removed:
             print("no hidden keys to delete")
     elif args.command == "keys":
-        from .retirement import usage_command
+        from tang_server.ops.retirement import usage_command
 
         return usage_command(args)
     elif args.command == "fleet":
@@ -262,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "kubernetes":
         return kubernetes_command(args)
     elif args.command == "check":
-        from .check import CheckFailed, check
+        from tang_server.ops.check import CheckFailed, check
 
         try:
             result = check(args.url, rounds=args.rounds, timeout=args.timeout)
@@ -272,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ok: advertisement signed by {' '.join(result.signing_kids)}; "
               f"{result.checked} recoveries through /rec/{result.exchange_kid} gave the bound key")  # fmt: skip
     elif args.command == "show-keys":
-        from .check import CheckFailed, verified_keys
+        from tang_server.ops.check import CheckFailed, verified_keys
 
         try:
             # Verified first: a thumbprint printed here is one to pin, and clevis refuses a badly signed advertisement.

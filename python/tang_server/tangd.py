@@ -15,14 +15,14 @@ from __future__ import annotations
 import os
 import sys
 
-from . import handoff
+from tang_server.serving import handoff
 
 TYPE_CHECKING = False  # typing's own costs an import this path cannot afford; mypy treats this name the same
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
 
-    from .settings import Settings
+    from tang_server.settings import Settings
 
 DEFAULT_PORT = 9090
 USAGE = "Usage: {} [-l] [-p <port>] [-e <endpoint>] <jwkdir>"
@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     from pathlib import Path
     from typing import NoReturn
 
-    from .settings import port_number
+    from tang_server.settings import port_number
 
     class Parser(argparse.ArgumentParser):
         """A command-line error is reported as the reference reports it: its usage line, exit status 1."""
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(problem, file=sys.stderr)
         return 1
     if listen:
-        from . import server
+        from tang_server.serving import server
 
         server.serve(settings(directory, endpoint, args.port))
     elif not (handoff.stdin_is_socket() and handoff.hand_over(directory, endpoint)):
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def settings(directory: str, endpoint: str, port: int = DEFAULT_PORT) -> Settings:
     from pathlib import Path
 
-    from .settings import Settings
+    from tang_server.settings import Settings
 
     return Settings(
         keys_dir=Path(directory),
@@ -121,13 +121,13 @@ def settings(directory: str, endpoint: str, port: int = DEFAULT_PORT) -> Setting
 def serve_connection(settings: Settings) -> None:
     """The connection on standard input, served here: plain requests without the event loop, the rest (and
     everything after it) by the full server."""
-    from . import oneshot
+    from tang_server.serving import oneshot
 
     connection = oneshot.Connection(settings)
     try:
         connection.serve()
     except oneshot.Unusual:
-        from . import server
+        from tang_server.serving import server
 
         server.serve_connection(settings, connection.buffer)
 

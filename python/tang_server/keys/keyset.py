@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import b64, jwk
-from ._native import COORDINATE_LEN, ExchangeKey
-from .errors import InvalidKey, InvalidPoint
+from tang_server._native import COORDINATE_LEN, ExchangeKey
+from tang_server.errors import InvalidKey, InvalidPoint
+from tang_server.keys import b64, jwk
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwk as jwcrypto_jwk
 from jwcrypto import jws as jwcrypto_jws
 
-from . import b64, jwk
-from ._native import COORDINATE_LEN, ExchangeKey, add_points
+from tang_server._native import COORDINATE_LEN, ExchangeKey, add_points
+from tang_server.keys import b64, jwk
 
 _PRIME = 2**521 - 1
 

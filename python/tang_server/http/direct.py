@@ -20,10 +20,10 @@ from typing import Protocol, runtime_checkable
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
-from .app import Request, declared_length
-from .keyset import KeySet
-from .responses import Answer
-from .routing import Match, Route
+from tang_server.http.app import Request, declared_length
+from tang_server.http.responses import Answer
+from tang_server.http.routing import Match, Route
+from tang_server.keys.keyset import KeySet
 
 
 class FreshKeys(Protocol):

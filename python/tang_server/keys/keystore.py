@@ -32,9 +32,9 @@ from typing import Protocol
 
 from inotify_simple import INotify, flags
 
-from . import keyfiles
-from .keyset import KeySet, load_keyset, scan_directory
-from .settings import Settings
+from tang_server.keys import keyfiles
+from tang_server.keys.keyset import KeySet, load_keyset, scan_directory
+from tang_server.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import json
 import urllib.request
 from typing import Any
 
-from . import b64, jwk
+from tang_server.keys import b64, jwk
 
 
 def fetch_advertisement(url: str, timeout: float = 10.0) -> dict[str, Any]:

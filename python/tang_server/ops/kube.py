@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import keyfiles
-from .keyset import KEY_SUFFIX, build_keyset
+from tang_server.keys import keyfiles
+from tang_server.keys.keyset import KEY_SUFFIX, build_keyset
 
 Data = dict[str, bytes]
 

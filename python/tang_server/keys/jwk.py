@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from . import b64
+from tang_server.keys import b64
 
 #: Thumbprint hashes a client may use in a key id, by name, with the hashlib name and encoded length.
 THUMBPRINT_HASHES: Mapping[str, str] = {

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import NamedTuple
 
-from .settings import Settings
+from tang_server.settings import Settings
 
 _KEY_ID = "/+([0-9A-Za-z_-]+)"
 

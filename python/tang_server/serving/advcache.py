@@ -17,8 +17,8 @@ from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
-from . import handoff
-from .keyset import Key, KeyKind, KeySet, _make_key, _payload, build_keyset, scan_directory
+from tang_server.keys.keyset import Key, KeyKind, KeySet, _make_key, _payload, build_keyset, scan_directory
+from tang_server.serving import handoff
 
 
 def load(directory: Path) -> KeySet:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
-from . import b64, jwk
-from ._native import COORDINATE_LEN, ExchangeKey
-from .errors import InvalidKey, InvalidPoint
-from .keyset import KeyKind, KeySet
+from tang_server._native import COORDINATE_LEN, ExchangeKey
+from tang_server.errors import InvalidKey, InvalidPoint
+from tang_server.keys import b64, jwk
+from tang_server.keys.keyset import KeyKind, KeySet
 
 _RESPONSE_PREFIX = b'{"alg":"ECMR","crv":"P-521","key_ops":["deriveKey"],"kty":"EC","x":"'
 _RESPONSE_MIDDLE = b'","y":"'

@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
 
-from . import __version__
-from ._native import ENGINE
-from .responses import Answer
-from .settings import MULTIPROCESS_ENVIRONMENT
+from tang_server import __version__
+from tang_server._native import ENGINE
+from tang_server.http.responses import Answer
+from tang_server.settings import MULTIPROCESS_ENVIRONMENT
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
-    from .keyset import KeySet
-    from .ledger import Batch
+    from tang_server.keys.keyset import KeySet
+    from tang_server.ops.ledger import Batch
 
 
 #: Sub-millisecond resolution at the bottom (an /adv is tens of microseconds), seconds at the top (overload).

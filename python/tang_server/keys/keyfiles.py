@@ -30,8 +30,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import b64, jwk
-from .keyset import KEY_SUFFIX, KeyKind, load_keyset
+from tang_server.keys import b64, jwk
+from tang_server.keys.keyset import KEY_SUFFIX, KeyKind, load_keyset
 
 logger = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .ledger import Batch, Ledger
-from .ledger import read as read_ledger
+from tang_server.ops.ledger import Batch, Ledger
+from tang_server.ops.ledger import read as read_ledger
 
 if TYPE_CHECKING:
-    from .keyset import Key, KeySet
-    from .metrics import Metrics
+    from tang_server.keys.keyset import Key, KeySet
+    from tang_server.ops.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

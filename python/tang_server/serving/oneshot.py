@@ -22,12 +22,12 @@ import time
 from contextlib import suppress
 from http import HTTPStatus
 
-from . import advcache
-from .keyset import KeySet
-from .recovery import recover
-from .responses import ADVERTISEMENT_TYPE, RECOVERY_TYPE
-from .routing import RouteTable, route_table
-from .settings import Settings
+from tang_server.http.responses import ADVERTISEMENT_TYPE, RECOVERY_TYPE
+from tang_server.http.routing import RouteTable, route_table
+from tang_server.keys.keyset import KeySet
+from tang_server.keys.recovery import recover
+from tang_server.serving import advcache
+from tang_server.settings import Settings
 
 _REQUEST_LINE = re.compile(rb"(GET|POST) ([\x21-\x7e]+) HTTP/1\.([01])")
 _HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?)?[ \t]*")

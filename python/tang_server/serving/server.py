@@ -44,13 +44,14 @@ import uvloop
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.server import ServerState
 
-from . import handoff, handoff_listener, keyfiles, systemd
-from .accesslog import AccessLog
-from .app import TangApplication
-from .handoff_listener import HandoffListener
-from .keystore import KeyStore
-from .protocol import TangHttpProtocol
-from .settings import ENVIRONMENT_VARIABLE, MULTIPROCESS_ENVIRONMENT, Settings
+from tang_server.http.accesslog import AccessLog
+from tang_server.http.app import TangApplication
+from tang_server.http.protocol import TangHttpProtocol
+from tang_server.keys import keyfiles
+from tang_server.keys.keystore import KeyStore
+from tang_server.serving import handoff, handoff_listener, systemd
+from tang_server.serving.handoff_listener import HandoffListener
+from tang_server.settings import ENVIRONMENT_VARIABLE, MULTIPROCESS_ENVIRONMENT, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def log_config(settings: Settings) -> dict[str, Any]:
 
 
 def build_application(settings: Settings) -> TangApplication:
-    from .metrics import Metrics  # imported here: after the multiprocess directory is in the environment
+    from tang_server.ops.metrics import Metrics  # imported here: after the multiprocess directory is in the environment
 
     TangHttpProtocol.configure(settings.request_timeout, settings.max_target_bytes, settings.max_header_bytes)
     metrics = Metrics()
@@ -93,7 +94,7 @@ def create_app() -> TangApplication:
 
 def uvicorn_config(settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
-        "tang_server.server:create_app",
+        "tang_server.serving.server:create_app",
         factory=True,
         host=settings.host,
         port=settings.port,

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ledger
+from tang_server.ops import ledger
 
 NOW_ENVIRONMENT = "TANG_SERVER_NOW"
 DAY = 86400.0
@@ -71,7 +71,7 @@ def local_source(state_dir: Path) -> Source:
 
 
 def replica_sources(targets: Sequence[str], timeout: float = 5.0) -> list[Source]:
-    from .fleet import replica_urls
+    from tang_server.ops.fleet import replica_urls
 
     return [replica_source(url, timeout) for url in replica_urls(targets)]
 
@@ -169,8 +169,8 @@ def usage_table(sources: Sequence[Source], within_days: float, at: float) -> str
 
 def deletion_candidates(directory: Path, key_ids: list[str] | None) -> list[str]:
     """The S256 ids of the hidden keys `delete-hidden` was asked to delete (ids it cannot find are left to it)."""
-    from .keyfiles import STAGED_PREFIX
-    from .keyset import load_keyset
+    from tang_server.keys.keyfiles import STAGED_PREFIX
+    from tang_server.keys.keyset import load_keyset
 
     keyset = load_keyset(directory)
     if key_ids is None:

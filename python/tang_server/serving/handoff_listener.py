@@ -21,7 +21,7 @@ import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from . import handoff
+from tang_server.serving import handoff
 
 logger = logging.getLogger(__name__)
 

@@ -22,18 +22,18 @@ from typing import TYPE_CHECKING
 
 from starlette.types import Message, Receive, Scope, Send
 
-from .accesslog import AccessLog
-from .clientaddress import allowed, client_address, parse_networks
-from .keyset import KeySet
-from .keystore import KeyStore
-from .recovery import recover
-from .responses import ADVERTISEMENT_TYPE, JSON_TYPE, RECOVERY_TYPE, Answer, send_answer
-from .routing import Match, Route, route_table
-from .settings import Settings
-from .usage import Usage
+from tang_server.http.accesslog import AccessLog
+from tang_server.http.clientaddress import allowed, client_address, parse_networks
+from tang_server.http.responses import ADVERTISEMENT_TYPE, JSON_TYPE, RECOVERY_TYPE, Answer, send_answer
+from tang_server.http.routing import Match, Route, route_table
+from tang_server.keys.keyset import KeySet
+from tang_server.keys.keystore import KeyStore
+from tang_server.keys.recovery import recover
+from tang_server.ops.usage import Usage
+from tang_server.settings import Settings
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
+    from tang_server.ops.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class TangApplication:
         self.metrics = metrics
         ledger = None
         if settings.state_dir is not None:
-            from .ledger import Ledger  # sqlite3 is imported only when there is a ledger
+            from tang_server.ops.ledger import Ledger  # sqlite3 is imported only when there is a ledger
 
             ledger = Ledger(
                 settings.state_dir, clients=settings.ledger_clients, retention_days=settings.ledger_retention_days

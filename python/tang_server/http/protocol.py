@@ -32,10 +32,10 @@ from http import HTTPStatus
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .app import ARRIVAL_EXTENSION, RAW_TARGET_EXTENSION, Request
-from .direct import DirectAnswers, DirectRequest, answer_bytes, framed_by_length
-from .responses import Answer
-from .settings import Settings
+from tang_server.http.app import ARRIVAL_EXTENSION, RAW_TARGET_EXTENSION, Request
+from tang_server.http.direct import DirectAnswers, DirectRequest, answer_bytes, framed_by_length
+from tang_server.http.responses import Answer
+from tang_server.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""HTTP: the route table, the application's answers, uvicorn's protocol with its limits and the direct path."""

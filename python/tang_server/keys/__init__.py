@@ -1,0 +1,1 @@
+"""Keys: files and their crash-safe writes, the immutable key set, the live store, and /rec itself."""

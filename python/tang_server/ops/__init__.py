@@ -1,0 +1,1 @@
+"""Operations: metrics, recovery usage and its ledger, guarded retirement, fleet and Kubernetes tooling."""
