@@ -52,7 +52,10 @@ def _scalar_of_another_key(key: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cryptography_accepts(key: dict[str, Any]) -> bool:
-    """The oracle: a scalar in [1, n) (cryptography's range check) whose public point is exactly the key's (x, y)."""
+    """The oracle: a scalar in [1, n) (SEC 1's definition; cryptography before 43 reduces a larger one modulo n
+    instead of refusing it, so the range is checked here) whose public point, by cryptography, is the key's (x, y)."""
+    if not 1 <= _int(key["d"]) < ORDER:
+        return False
     try:
         private = ec.derive_private_key(_int(key["d"]), ec.SECP521R1())
     except ValueError:
