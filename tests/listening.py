@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from .support import Server, free_port
+from .support import Server, free_port, stop_process_group
 
 #: What a server says when another process took its port between our choice and its bind.
 _COLLISION = ("address already in use", "[errno 98]")
@@ -26,16 +25,6 @@ def connectable(host: str, port: int) -> bool:
     with socket.socket(family) as probe:
         probe.settimeout(0.5)
         return probe.connect_ex((host, port)) == 0
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 @contextlib.contextmanager
@@ -58,7 +47,7 @@ def launched(
         deadline = time.monotonic() + timeout
         while process.poll() is None and not connectable(host, port_now):
             if time.monotonic() > deadline:
-                _stop(process)
+                stop_process_group(process, timeout=20)
                 raise TimeoutError(f"nothing listening on {host}:{port_now}: {log.read_text(errors='replace')}")
             time.sleep(0.05)
         if process.poll() is not None:
@@ -71,7 +60,7 @@ def launched(
         try:
             yield Server(f"http://{host}:{port_now}", port_now, process, log)
         finally:
-            _stop(process)
+            stop_process_group(process, timeout=20)
         return
     raise RuntimeError("five port collisions in a row")
 

@@ -121,17 +121,18 @@ def _start(command: Sequence[str], port: int, log: Path, env: dict[str, str] | N
                 return None
             raise RuntimeError(f"server exited with {process.returncode}: {text[-3000:]}")
         if time.monotonic() > deadline:
-            _stop(process)
+            stop_process_group(process)
             raise TimeoutError(f"nothing listening on port {port}: {log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.02)
     return Server(f"http://127.0.0.1:{port}", port, process, log)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM to a server's process group; SIGKILL if it has not exited within `timeout` seconds."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=15)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -148,7 +149,7 @@ def running(command: Sequence[str], port: int, log: Path, env: dict[str, str] | 
     try:
         yield server
     finally:
-        _stop(server.process)
+        stop_process_group(server.process)
 
 
 @contextlib.contextmanager
@@ -162,7 +163,7 @@ def running_on_free_port(
     try:
         yield server
     finally:
-        _stop(server.process)
+        stop_process_group(server.process)
 
 
 def serve_command(keys: Path, port: int, *extra: str, workers: int = 1) -> list[str]:
