@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tang_server.keys import keyfiles
+
 from .support import (
     REFERENCE_TANGD,
     Response,
@@ -158,3 +160,12 @@ def read_response(conn: socket.socket) -> Response:
         body += chunk
     assert len(body) == length, "more bytes than one response"
     return Response(response.status, response.headers, body)
+
+
+def visible_and_hidden_pairs(base: Path) -> None:
+    """base/keys: a visible pair (also alone in base/visible) and a hidden pair (alone, visible, in base/hidden)."""
+    (base / "keys").mkdir()
+    for path in keyfiles.generate_keys(base / "visible"):
+        (base / "keys" / path.name).write_bytes(path.read_bytes())
+    for path in keyfiles.generate_keys(base / "hidden"):
+        (base / "keys" / f".{path.name}").write_bytes(path.read_bytes())

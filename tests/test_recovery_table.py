@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tang_server.keys import b64, keyfiles
+from tang_server.keys import b64
 
 from .reference import (
     HASHES,
@@ -30,6 +30,7 @@ from .reference import (
     pair,
     reference,
     reference_server_without_keygen,
+    visible_and_hidden_pairs,
 )
 from .support import client_key, load_keys, our_server, parse_response, raw_request
 
@@ -230,11 +231,7 @@ class Table:
 def table(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Table]:
     """A visible pair and a hidden pair, served by ours (two workers) and by the reference."""
     base = tmp_path_factory.mktemp("table")
-    (base / "keys").mkdir()
-    for path in keyfiles.generate_keys(base / "visible"):
-        (base / "keys" / path.name).write_bytes(path.read_bytes())
-    for path in keyfiles.generate_keys(base / "hidden"):
-        (base / "keys" / f".{path.name}").write_bytes(path.read_bytes())
+    visible_and_hidden_pairs(base)
     signing, exchange = load_keys(base / "visible")
     _, hidden_exchange = load_keys(base / "hidden")
     kids = {"sig": jose_thumbprint(signing), "exc": jose_thumbprint(exchange), "unknown": UNKNOWN,

@@ -19,9 +19,16 @@ from typing import Any
 
 import pytest
 
-from tang_server.keys import keyfiles
-
-from .reference import Pair, assert_same_answer, http, jose_exchange, jose_thumbprint, pair, read_response
+from .reference import (
+    Pair,
+    assert_same_answer,
+    http,
+    jose_exchange,
+    jose_thumbprint,
+    pair,
+    read_response,
+    visible_and_hidden_pairs,
+)
 from .support import (
     REFERENCE_TANGD,
     Response,
@@ -159,11 +166,7 @@ class Keys:
 def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     """A visible pair and a hidden pair."""
     base = tmp_path_factory.mktemp("routes")
-    (base / "keys").mkdir()
-    for path in keyfiles.generate_keys(base / "visible"):
-        (base / "keys" / path.name).write_bytes(path.read_bytes())
-    for path in keyfiles.generate_keys(base / "hidden"):
-        (base / "keys" / f".{path.name}").write_bytes(path.read_bytes())
+    visible_and_hidden_pairs(base)
     signing, exchange = load_keys(base / "visible")
     hidden_signing, hidden_exchange = load_keys(base / "hidden")
     kids = {"unknown": UNKNOWN}
