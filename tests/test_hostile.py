@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import selectors
 import signal
 import socket
 import threading
@@ -20,7 +19,9 @@ from typing import Any
 
 import pytest
 
+from .reference import jose_exchange
 from .support import (
+    Response,
     Server,
     client_key,
     load_keys,
@@ -277,22 +278,28 @@ def test_slow_clients_are_cut_off_at_the_request_deadline(hostile_server: tuple[
             assert received == b"" or received.startswith(b"HTTP/1.1 408"), received[:100]
 
 
-BURST = 300  # recoveries arriving at once: more than a worker answers while the test reacts to the first answer
-MAX_QUEUE_MS = 1000  # far above the time to read a burst
+BURST = 300  # recoveries arriving at once
+# Below what the burst costs to answer on any machine: 300 P-521 multiplications take 60 ms and more (one is
+# 170-210 us here; `openssl speed ecdhp521` on fast server CPUs is no faster than 70 us).
+MAX_QUEUE_MS = 5
 
 
 def test_backpressure_sheds_queued_recoveries_with_retry_after(keys: Path, tmp_path: Path) -> None:
     """A burst queued longer than --max-queue-ms: what is still waiting gets 503 + Retry-After at once, counted in
-    metrics; with the bound off, everything is answered 200.
+    metrics, the rest gets the right answer, and the server answers the next request; with the bound off,
+    everything is answered 200.
 
-    The queue is made, not measured: the burst arrives while the server is stopped, and once the first answer is
-    out the server is stopped again for longer than the bound, so every request not yet answered has waited past
-    it, whatever the machine's speed."""
+    The queue is made, not measured: the burst is sent while the server is stopped, so once it runs again it
+    reads and parses every request in one pass over the ready sockets before it answers the first (answers are
+    scheduled for the loop's next iteration, see `http/direct.py`). However fast the machine, answering them all
+    takes longer than MAX_QUEUE_MS, so the last ones have waited past the bound when their turn comes. Only a hang
+    reaches HANG."""
     _, exchange = load_keys(keys)
-    body = json.dumps(client_key()).encode()
-    request_bytes = _rec(thumbprint(exchange), body)
+    client = client_key()
+    request_bytes = _rec(thumbprint(exchange), json.dumps(client).encode())
+    expected = jose_exchange(exchange, client)
 
-    def burst(server: Server) -> list[bytes]:
+    def burst(server: Server) -> list[Response]:
         connections = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(BURST)]
         wait_accepted(server.port, len(connections), timeout=HANG)
         os.kill(server.process.pid, signal.SIGSTOP)
@@ -301,36 +308,42 @@ def test_backpressure_sheds_queued_recoveries_with_retry_after(keys: Path, tmp_p
                 conn.sendall(request_bytes)
         finally:
             os.kill(server.process.pid, signal.SIGCONT)
-        with selectors.DefaultSelector() as selector:
-            for conn in connections:
-                selector.register(conn, selectors.EVENT_READ)
-            assert selector.select(timeout=HANG), "no answer at all"
-        os.kill(server.process.pid, signal.SIGSTOP)
-        try:
-            time.sleep(MAX_QUEUE_MS / 1000 * 1.5)  # makes the queue: not an assertion
-        finally:
-            os.kill(server.process.pid, signal.SIGCONT)
         answers = []
         for conn in connections:
             conn.settimeout(HANG)
             data = b""
             while not _complete(data):
-                data += conn.recv(65536)
-            answers.append(data)
+                chunk = conn.recv(65536)
+                assert chunk, f"closed without an answer after {data[:100]!r}"
+                data += chunk
+            answers.append(parse_response(data))
             conn.close()
         return answers
 
     with our_server(keys, tmp_path / "shedding", "--max-queue-ms", str(MAX_QUEUE_MS)) as server:
         answers = burst(server)
         metrics = request(server.port, "GET", "/metrics").body.decode()
-    shed = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        after = _until_answered(server.port, request_bytes)
+    shed = [a for a in answers if a.status == 503]
     print(f"{len(shed)} of {BURST} shed")
-    assert shed and len(shed) < len(answers)
-    assert all(a.startswith(b"HTTP/1.1 200") for a in answers if not a.startswith(b"HTTP/1.1 503"))
-    assert all(parse_response(a).headers["retry-after"] == "1" for a in shed)
+    assert shed
+    assert all(a.headers["retry-after"] == "1" and a.body == b"" for a in shed)
+    assert all((a.status, a.body) == (200, expected) for a in answers if a.status != 503)
     assert f"tang_recovery_shed_total {float(len(shed))}" in metrics
+    assert (after.status, after.body) == (200, expected)
     with our_server(keys, tmp_path / "patient", "--max-queue-ms", "0") as server:
-        assert all(a.startswith(b"HTTP/1.1 200") for a in burst(server))
+        assert all((a.status, a.body) == (200, expected) for a in burst(server))
+
+
+def _until_answered(port: int, data: bytes) -> Response:
+    """The first answer to `data` that is not shed: a lone request can still wait past a bound of a few
+    milliseconds if the machine deschedules the server, so a 503 here is retried (every answer is checked, and
+    only a server that never stops shedding reaches HANG)."""
+    deadline = time.monotonic() + HANG
+    while True:
+        response = parse_response(raw_request(port, data))
+        if response.status != 503 or time.monotonic() > deadline:
+            return response
 
 
 def _closed_within(conn: socket.socket, seconds: float) -> tuple[bool, bytes]:
