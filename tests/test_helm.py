@@ -56,6 +56,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "one-replica": {"replicaCount": 1, "keys": {"existingSecret": "k"}},
     "autoscaling": {"keys": {"existingSecret": "k"}, "autoscaling": {"enabled": True}},
     "prefix-and-proxies": {"keys": {"existingSecret": "k"}, "pathPrefix": "tang", "trustedProxies": ["10.0.0.0/8"]},
+    "no-cpu-limit": {"keys": {"existingSecret": "k"}, "resources": {"limits": {"cpu": None}}},
+    "workers-given": {"keys": {"existingSecret": "k"}, "workers": 3},
 }
 
 
@@ -121,6 +123,30 @@ def test_probe_paths_are_the_servers() -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == defaults.health_path
     assert container["startupProbe"]["httpGet"]["path"] == defaults.health_path
     assert container["readinessProbe"]["httpGet"]["path"] == defaults.ready_path
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, None),  # the default CPU limit: the server counts it from its cgroup's CPU quota
+        ({"resources": {"limits": {"cpu": "1500m"}}}, None),
+        ({"workers": 3}, "3"),
+        ({"resources": {"limits": {"cpu": None}}}, "1"),  # no limit: the default request, 1 CPU
+        ({"resources": {"requests": {"cpu": "1500m"}, "limits": {"cpu": None}}}, "2"),
+        ({"resources": {"requests": {"cpu": 0.5}, "limits": {"cpu": None}}}, "1"),
+        ({"resources": {"requests": {"cpu": "2.5"}, "limits": {"cpu": None}}}, "3"),
+        ({"resources": {"requests": {"cpu": 4}, "limits": {"cpu": None}}}, "4"),
+        ({"resources": {"requests": {"cpu": None}, "limits": {"cpu": None}}}, "1"),
+    ],
+)
+def test_workers_follow_the_pods_cpu(values: dict[str, Any], expected: str | None) -> None:
+    """Without `workers`, one per CPU of the limit (found by the server in its cgroup, where Kubernetes puts the
+    limit), or of the request rounded up when there is no limit (the cgroup then has no quota)."""
+    container = of_kind(render(values), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    given = [arg.removeprefix("--workers=") for arg in container["args"] if arg.startswith("--workers")]
+    assert given == ([] if expected is None else [expected])
+    if expected is None:
+        assert container["resources"]["limits"]["cpu"]
 
 
 @pytest.mark.parametrize(("replicas", "expected"), [(1, 0), (2, 1), (3, 1)])

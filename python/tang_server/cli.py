@@ -23,7 +23,9 @@ def add_setting_options(serve: argparse.ArgumentParser) -> None:
         metadata = setting.metadata
         options = dict(metadata["argparse"])
         flag = options.pop("flag", "--" + setting.name.replace("_", "-"))
-        default = options.pop("cli_default", setting.default)
+        factory = setting.default_factory  # workers: computed from this machine
+        computed = callable(factory)
+        default = options.pop("cli_default", factory() if callable(factory) else setting.default)
         help_text = metadata["help"]
         if options.pop("switch", False):
             options["action"] = argparse.BooleanOptionalAction
@@ -36,7 +38,7 @@ def add_setting_options(serve: argparse.ArgumentParser) -> None:
         else:
             options["default"] = default
             if default not in (None, "") and "action" not in options:  # flags say their default themselves
-                help_text += " (default: %(default)s)"
+                help_text += " (here: %(default)s)" if computed else " (default: %(default)s)"
         if metadata["parse"] is not None:
             options["type"] = metadata["parse"]
         serve.add_argument(flag, dest=setting.name, help=help_text, **options)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tang_server.serving import cpus
+
 #: Worker processes are started by uvicorn from an import string, so they read their settings from here.
 ENVIRONMENT_VARIABLE = "TANG_SERVER_SETTINGS"
 #: prometheus-client's own variable: where worker processes keep their metric files.
@@ -70,11 +72,20 @@ def count(text: str) -> int:
     return int(non_negative(text))
 
 
+@dataclass(frozen=True)
+class Computed:
+    """A default computed each time settings are made (from the machine), rather than written here."""
+
+    factory: Callable[[], Any]
+
+
 def option(default: Any, description: str, parse: Callable[[str], Any] | None = None, **argparse_options: Any) -> Any:
     """A setting with its command-line option: `parse` converts the text, `argparse_options` go to add_argument
     (`flag` names the option when it is not the field's name, `cli_default` overrides the default there,
     `switch` makes it --NAME/--no-NAME)."""
     metadata = {"help": description, "parse": parse, "argparse": argparse_options}
+    if isinstance(default, Computed):
+        return field(default_factory=default.factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -84,7 +95,12 @@ class Settings:
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(DEFAULT_PORT, "TCP port", port_number)
     uds: str | None = option(None, "listen on this Unix socket instead of TCP")
-    workers: int = option(1, "worker processes", positive)
+    workers: int = option(
+        Computed(cpus.usable_cpus),
+        "worker processes; by default one per CPU this process may use: the CPUs of its affinity (taskset, "
+        "CPUAffinity=), at most its cgroup's CPU quota (a container's CPU limit, CPUQuota=) rounded up",
+        positive,
+    )
     exchange_threads: int = option(
         0, "threads per worker for the /rec multiplication (0: on the event loop; measured faster: bench/README)", int
     )

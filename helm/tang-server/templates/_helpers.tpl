@@ -41,3 +41,29 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "tang.serviceUrl" -}}
 {{- printf "http://%s.%s.svc:%d" (include "tang.fullname" .) .Release.Namespace (int .Values.service.port) -}}
 {{- end -}}
+
+{{/*
+The --workers value: the one given; else none when the container has a CPU limit (the server reads its cgroup's
+CPU quota, which Kubernetes sets from the limit); else the CPU request rounded up, at least 1 (without a limit the
+cgroup has no quota and the server would count every CPU of the node).
+*/}}
+{{- define "tang.workers" -}}
+{{- $resources := .Values.resources | default dict -}}
+{{- $limits := $resources.limits | default dict -}}
+{{- $requests := $resources.requests | default dict -}}
+{{- if .Values.workers -}}
+{{- .Values.workers -}}
+{{- else if not $limits.cpu -}}
+{{- include "tang.wholeCpus" ($requests.cpu | default 1) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A CPU quantity ("500m", "1.5", 2) in whole CPUs, rounded up, at least 1. */}}
+{{- define "tang.wholeCpus" -}}
+{{- $quantity := toString . -}}
+{{- if hasSuffix "m" $quantity -}}
+{{- max 1 (div (add (trimSuffix "m" $quantity | atoi) 999) 1000) -}}
+{{- else -}}
+{{- max 1 (ceil (float64 $quantity) | int) -}}
+{{- end -}}
+{{- end -}}
