@@ -44,7 +44,13 @@ def parser() -> argparse.ArgumentParser:
             sys.exit(1)
 
     tangd = Parser(prog="tangd", description="Tang server (reference-compatible command line)")
-    tangd.add_argument("-l", dest="listen", action="store_true", help="listen on PORT instead of serving stdin")
+    tangd.add_argument(
+        "-l",
+        dest="listen",
+        action="store_true",
+        help="listen on PORT instead of serving stdin, with one worker process per CPU this process may use (its "
+        "affinity, at most its cgroup's CPU quota rounded up; as `tang-server serve`)",
+    )
     tangd.add_argument("-p", dest="port", type=port_number, default=DEFAULT_PORT, help="port (default 9090)")
     tangd.add_argument("-e", dest="endpoint", default="", help="serve under /ENDPOINT")
     tangd.add_argument("directory", type=Path, help="the key directory")
