@@ -1,13 +1,21 @@
-"""Load harness: our server, the reference C server and the two ceilings, measured by wrk in one run.
+"""Load harness: our server, its peers (the reference C server, tangy) and the two ceilings, measured by wrk in one run.
 
     python bench/load.py [--seconds 5] [--connections 16] [--workers 1] [--output bench/results/load.json]
-                         [--baseline DIR] [--variant NAME=ARGS]... [--peers reference,constant]
+                         [--baseline DIR] [--variant NAME=ARGS]... [--peers reference,tangy,constant]
 
 `--baseline DIR` also measures another version of our server, DIR holding its `tang_server` package (for
 example `git archive REV python | tar -x -C DIR`, plus the built `_native*.so`), right after ours on the same
 keys and CPUs, to compare a change before and after in one run. `--variant NAME=ARGS` measures our server again
 with extra `serve` arguments (`{work}` is the run's scratch directory), e.g. `--variant ledger="--state-dir
 {work}/state"` for what the recovery ledger costs; ratios compare each with `ours`.
+
+`--peers` names the other servers: `reference` (tangd, one process per connection through socat, as systemd runs
+it), `tangy` (the Rust Tang server on crates.io, Rocket with one thread per server CPU; built once by `cargo
+install tangy --version 0.2.8 --locked` into bench/.cache/, which takes a few minutes, before anything is
+measured) and `constant` (bare uvicorn answering constant bytes: the ceiling of our HTTP stack). tangy's
+new-connection rows count about one error per request: it closes the connection as the request asks, but its
+answer does not say `Connection: close`, so wrk sends the next request on it, sees the close as a read error and
+reconnects. Each request counted was answered, each on a new connection.
 
 Everything runs on this machine and loopback only. Each server is started alone, on the same key directory (made
 by the reference's tangd-keygen), pinned to the server CPUs while wrk runs on the load CPU, so that a one-core
@@ -39,6 +47,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CACHE = HERE / ".cache"  # git-ignored
+TANGY_VERSION = "0.2.8"
 
 
 @dataclass
@@ -198,6 +208,17 @@ def measure(
     return results
 
 
+def tangy_binary() -> Path:
+    """tangy, built from crates.io into the bench cache the first time (it reads the reference's key directory)."""
+    root = CACHE / f"tangy-{TANGY_VERSION}"
+    binary = root / "bin" / "tangy"
+    if not binary.exists():
+        print(f"building tangy {TANGY_VERSION} into {root} (cargo install: a few minutes, once)", flush=True)
+        subprocess.run(["cargo", "install", "--quiet", "tangy", "--version", TANGY_VERSION, "--locked",
+                        "--root", str(root)], check=True)  # fmt: skip
+    return binary
+
+
 def pure_multiplication_rate(seconds: float, cpus: str) -> float:
     binary = ROOT / "target" / "release" / "examples" / "mul_rate"
     if not binary.exists():
@@ -230,9 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=HERE / "results" / "load.json")
     parser.add_argument("--baseline", type=Path, help="a directory holding another version's tang_server package")
     parser.add_argument("--variant", action="append", default=[], help="NAME=ARGS: ours with extra serve arguments")
-    parser.add_argument("--peers", default="reference,constant", help="other servers to measure (comma list)")
+    parser.add_argument(
+        "--peers", default="reference,constant", help="other servers to measure, of reference, tangy, constant"
+    )
     args = parser.parse_args(argv)
     peers = set(filter(None, args.peers.split(",")))
+    unknown = peers - {"reference", "tangy", "constant"}
+    if unknown:
+        parser.error(f"unknown peers: {', '.join(sorted(unknown))}")
+    tangy = tangy_binary() if "tangy" in peers else None  # built before anything is measured
 
     work = Path(tempfile.mkdtemp(prefix="tang-load-"))
     try:
@@ -273,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
             with started(reference, port, args.server_cpus) as process:
                 results += measure("reference", process, f"http://127.0.0.1:{port}", routes, args)
 
+        if tangy is not None:
+            port = free_port()
+            print(f"tangy {TANGY_VERSION} (Rust, Rocket):", flush=True)
+            command = [str(tangy), "--dir", str(keys), "--port", str(port), "--address", "127.0.0.1"]
+            with started(command, port, args.server_cpus) as process:
+                results += measure("tangy", process, f"http://127.0.0.1:{port}", routes, args)
+            print("  (tangy's errors on new connections: its closes, which wrk did not expect; see the docstring)")
+
         if "constant" in peers:
             port = free_port()
             constant = [
@@ -308,11 +343,21 @@ def main(argv: list[str] | None = None) -> int:
     def ratio(numerator: float | None, denominator: float | None) -> float | None:
         return numerator / denominator if numerator is not None and denominator else None
 
+    def best_peer(route: str, connection: str) -> float | None:
+        rates = [rate(peer, route, connection) for peer in ("reference", "tangy")]
+        return max((value for value in rates if value is not None), default=None)
+
     ratios = {
         "rec_vs_reference_kept_alive": ratio(rate("ours", "rec", "kept-alive"), rate("reference", "rec", "kept-alive")),
         "rec_vs_reference_new_connection": ratio(rate("ours", "rec", "new"), rate("reference", "rec", "new")),
         "adv_vs_reference_kept_alive": ratio(rate("ours", "adv", "kept-alive"), rate("reference", "adv", "kept-alive")),
         "adv_vs_reference_new_connection": ratio(rate("ours", "adv", "new"), rate("reference", "adv", "new")),
+        "rec_vs_tangy_kept_alive": ratio(rate("ours", "rec", "kept-alive"), rate("tangy", "rec", "kept-alive")),
+        "rec_vs_tangy_new_connection": ratio(rate("ours", "rec", "new"), rate("tangy", "rec", "new")),
+        "adv_vs_tangy_kept_alive": ratio(rate("ours", "adv", "kept-alive"), rate("tangy", "adv", "kept-alive")),
+        "adv_vs_tangy_new_connection": ratio(rate("ours", "adv", "new"), rate("tangy", "adv", "new")),
+        "rec_vs_best_peer_kept_alive": ratio(rate("ours", "rec", "kept-alive"), best_peer("rec", "kept-alive")),
+        "rec_vs_best_peer_new_connection": ratio(rate("ours", "rec", "new"), best_peer("rec", "new")),
         "adv_vs_constant_app_kept_alive": ratio(
             rate("ours", "adv", "kept-alive"), rate("constant", "adv", "kept-alive")
         ),
