@@ -3,7 +3,9 @@
 Every worker writes its samples to memory-mapped files in a directory shared by the workers (prometheus-client's
 multiprocess mode); `/metrics`, answered by whichever worker the connection reaches, merges them all. The server
 creates and empties that directory before the workers start, and the files of workers that died are marked dead
-before each scrape, so live gauges never report a worker that no longer exists.
+before each scrape, so live gauges never report a worker that no longer exists. Distinct clients per key cannot
+be a per-worker gauge (estimates do not add up): each worker writes its HyperLogLog sketches to a file of its own
+in the same directory and the scrape merges them (`distinct.py`, `ClientsCollector`).
 
 Import this module only after `PROMETHEUS_MULTIPROC_DIR` is set: prometheus-client decides at import time
 whether values live in files.
@@ -14,19 +16,22 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import threading
 import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from tang_server import __version__
 from tang_server._native import ENGINE
 from tang_server.http.responses import Answer
+from tang_server.ops import distinct
 from tang_server.settings import MULTIPROCESS_ENVIRONMENT
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
 
     from tang_server.keys.keyset import KeySet
     from tang_server.ops.ledger import Batch
@@ -138,11 +143,18 @@ class Metrics:
             registry=own,
         )
         self._digest: str | None = None
+        #: Visibility by key id of the worker's current key set: the only key ids `tang_key_clients` shows.
+        self._visibility: dict[str, str] = {}
+        #: Without a multiprocess directory: the one worker's window of distinct clients (`usage.Usage`).
+        self._window: distinct.Window | None = None
+        self._sketch_cache: distinct.Cache = {}
+        self._sketch_lock = threading.Lock()
         if self.directory is not None:
             exposition = CollectorRegistry()
             multiprocess.MultiProcessCollector(exposition, path=self.directory)  # type: ignore[no-untyped-call]
         else:
             exposition = own
+        exposition.register(ClientsCollector(self))
         self._registry = exposition
 
     def answered(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -168,6 +180,7 @@ class Metrics:
                 self.keys.labels("hidden" if hidden else "visible", kind).set(count)
         self.ready.set(1 if keyset.ready else 0)
         self.last_reload.set(time.time())
+        self._visibility = {key.kid: "hidden" if key.hidden else "visible" for key in keyset.keys}
 
     def usage_flushed(
         self,
@@ -190,6 +203,26 @@ class Metrics:
             self.hidden_since.labels(kid).set(since)
         if unknown:
             self.unknown_key.inc(unknown)
+
+    def clients_flushed(self, window: distinct.Window, now: float) -> None:
+        """A worker's window of distinct clients changed (`usage.Usage`): written for the other workers' scrapes."""
+        if self.directory is None:
+            self._window = window
+        else:
+            distinct.save(self.directory, os.getpid(), window, now)
+
+    def distinct_clients(self, now: float | None = None) -> dict[str, tuple[str, float]]:
+        """(visibility, estimated distinct client addresses over the window) by key id, every worker merged; key
+        ids of the current key set only."""
+        now = time.time() if now is None else now
+        visibility = self._visibility
+        if self.directory is None:
+            found = self._window.estimates(now) if self._window is not None else {}
+        else:
+            with self._sketch_lock:
+                sketches = distinct.gather(self.directory, now, _alive, self._sketch_cache)
+            found = distinct.estimates(sketches)
+        return {kid: (visibility[kid], estimate) for kid, estimate in found.items() if kid in visibility}
 
     def recovery_totals(self) -> dict[str, tuple[int, float | None]]:
         """(recoveries, last recovery) by key id, over every worker of this server (what `/metrics` shows)."""
@@ -231,6 +264,32 @@ class Metrics:
         for pid in pids:
             if not _alive(pid):
                 multiprocess.mark_process_dead(pid, self.directory)  # type: ignore[no-untyped-call]
+
+
+class ClientsCollector:
+    """`tang_key_clients{kid,visibility}` at scrape time, from every worker's sketches."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = self._family()
+        for kid, (visibility, estimate) in sorted(self._metrics.distinct_clients().items()):
+            family.add_metric([kid, visibility], round(estimate))
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "tang_key_clients",
+            f"Distinct client addresses that recovered with a key during the current clock hour or the "
+            f"{distinct.HOURS - 1} before it, estimated (HyperLogLog, relative error about "
+            f"{distinct.STANDARD_ERROR:.1%}); clients of unknown address are not counted.",
+            labels=["kid", "visibility"],
+        )
 
 
 def _alive(pid: int) -> bool:

@@ -3,7 +3,9 @@
 On the request path a recovery costs one dictionary update under a lock that only the flusher thread also takes,
 for the instant it swaps the batch out. Every `flush_seconds`, and at exit, the flusher thread adds the batch to
 the metrics (`tang_recoveries_total{kid,visibility}`, the last recovery time, recoveries for unknown key ids) and,
-when there is a ledger, writes it there in one transaction.
+when there is a ledger, writes it there in one transaction. The client address of each recovery, when known,
+is kept only until that flush, which hashes it into the key's sketch of distinct clients (`distinct.py`:
+`tang_key_clients{kid,visibility}`, over the last 23 to 24 hours).
 
 Metric labels are only ever the S256 thumbprints of keys the worker has loaded: the key id a client sends
 becomes a label only through `KeySet.find`, which answers for loaded keys. A recovery asking for a key id that
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tang_server.ops import distinct
 from tang_server.ops.ledger import Batch, Ledger
 from tang_server.ops.ledger import read as read_ledger
 
@@ -31,6 +35,9 @@ logger = logging.getLogger(__name__)
 #: With no recovery to write and the same keys, the ledger is written this rarely (to record that keys are still
 #: present: `keys.last_seen`), not at every flush.
 IDLE_WRITE_SECONDS = 300.0
+
+#: What the access policy says when it does not know the client's address (no peer address, as on a Unix socket).
+_UNKNOWN_CLIENTS = frozenset(("", "-"))
 
 #: A key id quoted in a log line is cut to this length (the route allows ids up to the target length limit).
 _LOGGED_ID_CHARACTERS = 100
@@ -56,6 +63,15 @@ class Usage:
         self._batch: dict[str, Batch] = {}
         self._unknown = 0
         self._unknown_example: tuple[str, str] | None = None
+        #: (key id, client address) of the recoveries since the last flush: hashed into `window` by the flusher.
+        self._addresses: dict[tuple[str, str], None] = {}
+        #: Distinct clients per key, this worker's share (merged with the others' by the metrics).
+        self.window = distinct.Window()
+        directory = metrics.directory if metrics is not None else None
+        self._hash = distinct.Hasher(distinct.shared_secret(directory))
+        if directory is not None:
+            distinct.adopt(directory, os.getpid(), self.window)
+        self._window_hour: int | None = None
         #: Ledger batches that could not be written yet (the file locked too long, a full disk): kept and retried.
         self._unwritten: dict[str, Batch] = {}
         self._written: tuple[list[tuple[str, bool]], float, dict[str, tuple[float | None, float | None]]] = ([], 0, {})
@@ -68,7 +84,8 @@ class Usage:
         atexit.register(self.close)
 
     def recovered(self, key: Key, client: str) -> None:
-        """A recovery answered with `key` for `client` (request path: no I/O, no allocation beyond the first)."""
+        """A recovery answered with `key` for `client` (request path: no I/O; a client's address is hashed by the
+        flusher, not here)."""
         now = time.time()
         with self._lock:
             entry = self._batch.get(key.kid)
@@ -77,6 +94,7 @@ class Usage:
             entry.count += 1
             entry.last = now
             entry.hidden = key.hidden
+            self._addresses[key.kid, client] = None
             if self.clients:
                 kept = entry.clients
                 kept.pop(client, None)  # re-inserted last: the dict's order is recency
@@ -96,6 +114,7 @@ class Usage:
                 batch, self._batch = self._batch, {}
                 unknown, self._unknown = self._unknown, 0
                 example, self._unknown_example = self._unknown_example, None
+                addresses, self._addresses = self._addresses, {}
             now = time.time()
             keyset = self._keyset()
             present = [(key.kid, key.hidden) for key in keyset.keys]
@@ -107,7 +126,20 @@ class Usage:
                 )  # fmt: skip
             merged = self._write_ledger(present, batch, now)
             if self.metrics is not None:
+                self._count_clients(addresses, now)  # before the counts: a scrape never sees a count without it
                 self.metrics.usage_flushed(batch, unknown, self._hidden_since(present, merged, now), merged)
+
+    def _count_clients(self, addresses: dict[tuple[str, str], None], now: float) -> None:
+        by_key: dict[str, list[int]] = {}
+        for kid, client in addresses:
+            if client not in _UNKNOWN_CLIENTS:
+                by_key.setdefault(kid, []).append(self._hash(client))
+        for kid, hashes in by_key.items():
+            self.window.add(kid, hashes, now)
+        hour = distinct.hour_of(now)
+        if (by_key or hour != self._window_hour) and self.metrics is not None:
+            self.metrics.clients_flushed(self.window, now)
+            self._window_hour = hour
 
     def _write_ledger(
         self, present: list[tuple[str, bool]], batch: dict[str, Batch], now: float
@@ -146,6 +178,10 @@ class Usage:
         keyset = self._keyset()
         visibility = {key.kid: "hidden" if key.hidden else "visible" for key in keyset.keys}
         rows: list[dict[str, Any]] = []
+        # Estimated distinct clients of the last 23 to 24 hours (`distinct.py`), every worker merged; None for a key
+        # no longer loaded.
+        estimated = self.metrics.distinct_clients() if self.metrics is not None else {}
+        clients = {kid: estimate for kid, (_, estimate) in estimated.items()}
         if self.ledger is not None:
             for kid, record in read_ledger(self.ledger.path).items():
                 rows.append({
@@ -156,6 +192,7 @@ class Usage:
                     "last_recovery": record.last_recovery,
                     "since": record.first_seen,
                     "hidden_since": record.hidden_since,
+                    "clients": round(clients.get(kid, 0)) if kid in visibility else None,
                 })  # fmt: skip
             return {"source": "ledger", "keys": rows}
         totals = self.metrics.recovery_totals() if self.metrics is not None else {}
@@ -170,6 +207,7 @@ class Usage:
                 # No ledger: counted since this worker started at the earliest (its metrics may be older).
                 "since": self.started,
                 "hidden_since": self._hidden_seen.get(kid),
+                "clients": round(clients.get(kid, 0)) if kid in visibility else None,
             })  # fmt: skip
         return {"source": "metrics", "keys": rows}
 
