@@ -167,7 +167,7 @@ bench: $(DEV_STAMP) $(STAMP) debian-packages
 	openssl speed -seconds 3 ecdhp521 2>/dev/null | tail -2
 	cargo build --release --quiet -p tang-p521 --example mul_rate
 	$(BIN)/pytest bench --benchmark-only --benchmark-columns=min,median,mean,ops
-	cd bench && ../$(BIN)/python load.py --seconds $(BENCH_SECONDS) --workers $(WORKERS)
+	cd bench && ../$(BIN)/python load.py --seconds $(BENCH_SECONDS) --workers $(WORKERS) --peers reference,tangy,constant
 
 capacity: $(DEV_STAMP) $(STAMP) debian-packages
 	cargo build --release --quiet -p tang-p521 --example mul_rate

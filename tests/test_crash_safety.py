@@ -73,7 +73,8 @@ class _NotListening:
 def _first_start(keys: Path) -> int:
     server.DrainingServer = _NotListening  # type: ignore[assignment,misc]  # in the child process only
     metrics = keys.parent.parent.parent / "metrics"  # outside the root: not a key directory operation
-    server.serve(Settings(keys_dir=keys, metrics_dir=str(metrics), log_level="error"))
+    # One worker: the stand-in above replaces the server in this process only; spawned workers would listen.
+    server.serve(Settings(keys_dir=keys, metrics_dir=str(metrics), log_level="error", workers=1))
     return 0
 
 
