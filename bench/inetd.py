@@ -1,6 +1,6 @@
 """Per-connection cost of `tangd` in inetd mode: the reference, ours alone, ours handing over to a running server.
 
-    python bench/inetd.py [--runs 30] [--output bench/results/inetd.json]
+    python bench/inetd.py [--runs 30] [--output bench/results/inetd.json] [--tangd PATH]
 
 Everything runs in one run, on one key directory made by the reference's tangd-keygen, on loopback only. Each
 figure is the wall time of N connections served one after the other, divided by N, for `GET /adv` with
@@ -14,10 +14,11 @@ figure is the wall time of N connections served one after the other, divided by 
   does: one process per connection, the TCP connection as standard input and output), with a TCP client that
   half-closes after its request, as above.
 
-Our processes run without PYTHONDONTWRITEBYTECODE, as installed (compiled modules cached); a few warm-up
-connections come first. Ratios are to the reference in the same mode of the same run. Besides wall time, the CPU
-time of every process of a figure (launcher and shell included, a running server's share not) is reported per
-connection: on a shared, loaded machine it varies much less than wall time.
+`--tangd` measures another launcher of ours than the installed console script (for example one that does not
+import `re` first, as pip's does). Our processes run without PYTHONDONTWRITEBYTECODE, as installed (compiled
+modules cached); a few warm-up connections come first. Ratios are to the reference in the same mode of the same
+run. Besides wall time, the CPU time of every process of a figure (launcher and shell included, a running
+server's share not) is reported per connection: on a shared, loaded machine it varies much less than wall time.
 """
 
 from __future__ import annotations
@@ -169,9 +170,9 @@ def _answers(port: int) -> bool:
     return True
 
 
-def measure(keys: Path, work: Path, runs: int) -> list[dict[str, object]]:
+def measure(keys: Path, work: Path, runs: int, tangd: Path = BIN / "tangd") -> list[dict[str, object]]:
     reference = [REFERENCE_TANGD, str(keys)]
-    ours = [str(BIN / "tangd"), str(keys)]
+    ours = [str(tangd), str(keys)]
     rows: list[dict[str, object]] = []
 
     def row(mode: str, variant: str, run: Callable[[list[str]], float], command: list[str]) -> None:
@@ -226,6 +227,7 @@ def main() -> int:
     options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     options.add_argument("--runs", type=int, default=30, help="connections per figure (default: %(default)s)")
     options.add_argument("--output", type=Path, help="also write the figures as JSON here")
+    options.add_argument("--tangd", type=Path, default=BIN / "tangd", help="our launcher (default: %(default)s)")
     args = options.parse_args()
     missing = [tool for tool in ("systemd-socket-activate", REFERENCE_TANGD) if not shutil.which(tool)]
     if missing:
@@ -236,11 +238,12 @@ def main() -> int:
         keys = work / "keys"
         keys.mkdir()
         subprocess.run([REFERENCE_KEYGEN, str(keys)], check=True, capture_output=True)
-        rows = measure(keys, work, args.runs)
+        rows = measure(keys, work, args.runs, args.tangd)
     print(table(rows))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"runs": args.runs, "rows": rows}, indent=2) + "\n")
+        document = {"runs": args.runs, "tangd": str(args.tangd), "rows": rows}
+        args.output.write_text(json.dumps(document, indent=2) + "\n")
     return 0
 
 

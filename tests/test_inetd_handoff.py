@@ -20,6 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,138 @@ def test_sigterm_ends_a_waiting_connection_with_status_0(keys: Path) -> None:
         assert ours.recv(12) == b"HTTP/1.1 200"
         process.send_signal(signal.SIGTERM)
         assert process.wait(DEADLINE) == 0
+
+
+def test_values_the_one_shot_path_repeats_agree_with_the_server() -> None:
+    """oneshot.py repeats a few settings defaults, content types and the Tang routes rather than import the modules
+    that define them (settings, http): they must be the server's."""
+    from tang_server.http import responses
+    from tang_server.serving import oneshot
+    from tang_server.settings import Settings
+
+    defaults = Settings(keys_dir=Path("."))
+    assert defaults.request_timeout == oneshot.REQUEST_TIMEOUT
+    assert defaults.keep_alive_seconds == oneshot.KEEP_ALIVE_SECONDS
+    assert defaults.max_header_bytes == oneshot.MAX_HEADER_BYTES
+    assert defaults.max_body_bytes == oneshot.MAX_BODY_BYTES
+    assert defaults.max_target_bytes == oneshot.MAX_TARGET_BYTES
+    assert oneshot.ADVERTISEMENT_TYPE == responses.ADVERTISEMENT_TYPE
+    assert oneshot.RECOVERY_TYPE == responses.RECOVERY_TYPE
+    for status, phrase in oneshot._PHRASES.items():
+        assert phrase == HTTPStatus(status).phrase.encode()
+
+
+@pytest.mark.parametrize("prefix", ["", "tang", "/tang/", "a.b", "x+y"])
+def test_one_shot_routing_is_the_route_tables(prefix: str) -> None:
+    """A request the one-shot path answers is one the full route table sends to the same Tang route with the same
+    key id; every other request goes to the full server (Unusual)."""
+    from tang_server.http.routing import route_table
+    from tang_server.serving import oneshot
+    from tang_server.settings import Settings
+
+    table = route_table(Settings(keys_dir=Path("."), prefix=prefix))
+    routes = oneshot.tang_routes(prefix)
+    under = [f"/{prefix.strip('/')}", f"//{prefix.strip('/')}/"] if prefix.strip("/") else [""]
+    paths = ["/adv", "/adv/", "//adv//", "/adv/abc_-9", "/adv//abc", "/rec/abc", "//rec//abc", "/rec", "/rec/",
+             "/rec/a b", "/adv/a?x", "/adv?x", "/healthz", "/readyz", "/metrics", "/status", "/", "/advx",
+             "/rec/é"]  # fmt: skip
+    targets = [(base + path).encode() for base in [*under, "", "/other"] for path in paths]
+    targets += [b"/adv/" + b"a" * 5000, b"/rec/" + b"b" * 4090]
+    for method in ("GET", "POST", "PUT"):
+        for target in targets:
+            match = table.dispatch(method, target)
+            tang = match.route is not None and match.route.tang and len(target) < Settings.max_target_bytes
+            try:
+                thp = oneshot.dispatch(routes, method, target)
+            except oneshot.Unusual:
+                assert not tang, (method, target)
+            else:
+                assert tang, (method, target)
+                assert thp == match.thp, (method, target)
+
+
+_HEAVY = {"argparse", "asyncio", "dataclasses", "hashlib", "http", "inspect", "logging", "pathlib", "typing",
+          "tang_server.settings", "tang_server.http", "uvicorn", "starlette", "jwcrypto", "cryptography"}  # fmt: skip
+
+
+def _modules_after_main(keys: Path, stdin: int | None, data: bytes = b"") -> set[str]:
+    """The modules `tangd DIR` has imported once it is done with its connection (in a child interpreter)."""
+    code = (
+        "import re, sys\n"  # what pip's console-script launcher imports first
+        "from tang_server import tangd\n"
+        f"status = tangd.main([{str(keys)!r}])\n"
+        "print('MODULES', *sorted(sys.modules), file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [str(BIN / "python"), "-c", code], stdin=stdin, input=None if stdin is not None else data,
+        capture_output=True, timeout=DEADLINE,
+    )  # fmt: skip
+    found = [line.split()[1:] for line in result.stderr.decode().splitlines() if line.startswith("MODULES ")]
+    assert result.returncode == 0 and len(found) == 1, result.stderr
+    return set(found[0])
+
+
+def test_one_shot_path_imports_only_what_the_connection_needs(keys: Path) -> None:
+    """Every module is paid for by every connection: the settings, the HTTP layer, dataclasses, logging, pathlib,
+    typing and hashlib (OpenSSL) stay unimported while tangd answers `GET /adv` and `POST /rec` itself."""
+    _, exchange = load_keys(keys)
+    body = json.dumps(client_key()).encode()
+    head = f"POST /rec/{thumbprint(exchange)} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    rec = head.encode() + body
+    warm = _modules_after_main(keys, None, ADV)  # the first connection after a key change signs (jwcrypto)
+    assert "tang_server.serving.oneshot" in warm
+    modules = _modules_after_main(keys, None, b"GET /adv HTTP/1.1\r\nHost: x\r\n\r\n" + rec + ADV)
+    assert "tang_server.keys.recovery" in modules
+    assert {name for name in modules if name.split(".")[0] in _HEAVY or name in _HEAVY} <= {"http"}  # /rec's status
+
+
+def test_hand_over_imports_nothing_but_the_hand_over(keys: Path, tmp_path: Path) -> None:
+    with our_server(keys, tmp_path / "server.log") as server:
+        _wait_for(lambda: _control_socket(server) is not None, "no control socket announced")
+        ours, theirs = socket.socketpair()  # as `socat ... EXEC:` gives tangd its connection
+        with ours, theirs:
+            ours.sendall(ADV)
+            modules = _modules_after_main(keys, theirs.fileno())
+            theirs.close()
+            assert parse_response(_read_all(ours)).status == 200
+        assert "hand-over" not in server.log_text()  # not refused
+    imported = {name for name in modules if name.startswith("tang_server")}
+    assert imported == {"tang_server", "tang_server.serving", "tang_server.serving.handoff", "tang_server.tangd"}
+    assert not {name for name in modules if name.split(".")[0] in _HEAVY}
+
+
+def _read_all(conn: socket.socket) -> bytes:
+    conn.settimeout(DEADLINE)
+    chunks = []
+    while chunk := conn.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_socat_keeps_relaying_a_handed_over_connection(keys: Path, tmp_path: Path) -> None:
+    """socat stops relaying once its EXEC child exits: a tangd that handed its socket pair's end over must live
+    until the server is done with the connection, or the answer is lost (kept-alive requests, as curl sends)."""
+    with (
+        our_server(keys, tmp_path / "server.log") as server,
+        _launched("socat", keys, tmp_path / "launcher.log") as launcher,
+    ):
+        _wait_for(lambda: _control_socket(server) is not None, "no control socket announced")
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", launcher.port), timeout=DEADLINE) as conn:
+                conn.sendall(b"GET /adv HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert parse_response(_one_response(conn)).status == 200
+    assert _recoveries(tmp_path / "launcher.log") == 0
+    assert '"GET /adv HTTP/1.1" 200' not in (tmp_path / "launcher.log").read_text(), "tangd served, not the server"
+
+
+def _one_response(conn: socket.socket) -> bytes:
+    """One response framed by Content-Length, read from a connection kept alive."""
+    conn.settimeout(DEADLINE)
+    data = b""
+    while True:
+        head, separator, body = data.partition(b"\r\n\r\n")
+        if separator and len(body) >= int(parse_response(head + separator).headers["content-length"]):
+            return data
+        chunk = conn.recv(65536)
+        assert chunk, f"the connection ended after {data!r}"
+        data += chunk

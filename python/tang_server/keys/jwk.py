@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Mapping
-from typing import Any
+import sys
 
 from tang_server.keys import b64
+
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, for mypy: typing costs `tangd` an import it need not pay
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
+
+    JWK = Mapping[str, Any]
 
 #: Thumbprint hashes a client may use in a key id, by name, with the hashlib name and encoded length.
 THUMBPRINT_HASHES: Mapping[str, str] = {
@@ -25,7 +30,34 @@ _EC_THUMBPRINT_MEMBERS = ("crv", "kty", "x", "y")
 _PRIVATE_MEMBERS = frozenset({"d"})
 _PRIVATE_OPS = frozenset({"sign", "decrypt", "unwrapKey"})
 
-JWK = Mapping[str, Any]
+#: The interpreter's built-in module for each hash (Python 3.12 merged _sha256 and _sha512 into _sha2).
+_BUILTIN_HASHES = {
+    "sha1": "_sha1",
+    "sha224": "_sha2" if sys.version_info >= (3, 12) else "_sha256",
+    "sha256": "_sha2" if sys.version_info >= (3, 12) else "_sha256",
+    "sha384": "_sha2" if sys.version_info >= (3, 12) else "_sha512",
+    "sha512": "_sha2" if sys.version_info >= (3, 12) else "_sha512",
+}
+_hash_functions: dict[str, Callable[[bytes], Any]] = {}
+
+
+def digest(name: str, data: bytes) -> bytes:
+    """`hashlib.new(name, data).digest()`, by a built-in module when the interpreter has one: hashlib loads
+    OpenSSL, which costs `tangd` more than all the hashing a connection does."""
+    function = _hash_functions.get(name)
+    if function is None:
+        function = _hash_functions[name] = _hash_function(name)
+    return bytes(function(data).digest())
+
+
+def _hash_function(name: str) -> Callable[[bytes], Any]:
+    try:
+        return getattr(__import__(_BUILTIN_HASHES[name]), name)  # type: ignore[no-any-return]
+    except (KeyError, ImportError, AttributeError):  # an interpreter built without it
+        pass
+    import hashlib
+
+    return lambda data: hashlib.new(name, data)
 
 
 def thumbprint_input(jwk: JWK) -> bytes:
@@ -35,13 +67,13 @@ def thumbprint_input(jwk: JWK) -> bytes:
 
 
 def thumbprint(jwk: JWK, hash_name: str = "S256") -> str:
-    return b64.encode(hashlib.new(THUMBPRINT_HASHES[hash_name], thumbprint_input(jwk)).digest())
+    return b64.encode(digest(THUMBPRINT_HASHES[hash_name], thumbprint_input(jwk)))
 
 
 def thumbprints(jwk: JWK) -> list[str]:
     """The key's thumbprint under every hash a client may use (S1 for old LUKS headers, S256 today...)."""
     data = thumbprint_input(jwk)
-    return [b64.encode(hashlib.new(name, data).digest()) for name in THUMBPRINT_HASHES.values()]
+    return [b64.encode(digest(name, data)) for name in THUMBPRINT_HASHES.values()]
 
 
 def permits(jwk: object, operation: str) -> bool:

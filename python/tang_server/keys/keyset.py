@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import enum
 import errno
-import hashlib
 import json
-import logging
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
 
 from tang_server._native import COORDINATE_LEN, ExchangeKey
 from tang_server.errors import InvalidKey, InvalidPoint
 from tang_server.keys import b64, jwk
 
-logger = logging.getLogger(__name__)
+# `tangd` loads a key set for every connection it serves itself: dataclasses, logging, pathlib, typing and hashlib
+# would cost it more than the rest of the connection, so this module does without them at run time.
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, for mypy
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+    from pathlib import Path
+    from typing import Any, ClassVar
 
 KEY_SUFFIX = ".jwk"
 
@@ -38,33 +38,78 @@ class KeyKind(enum.Enum):
     EXCHANGE = "exchange"
 
 
-@dataclass(frozen=True, eq=False)
-class Key:
+class _Record:
+    """What `@dataclass(frozen=True, eq=False)` gave these classes: fields set once, a repr of the shown ones."""
+
+    _shown: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **fields: object) -> None:
+        self.__dict__.update(fields)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._shown)
+        return f"{type(self).__name__}({shown})"
+
+
+class Key(_Record):
     """One key file's key, without its private part (see the module's docstring)."""
 
+    _shown = ("name", "hidden", "kind", "thumbprints")
     name: str
     hidden: bool
     kind: KeyKind
     #: The file's JSON object without its private member `d` (`key_ops` as in the file).
-    jwk: Mapping[str, Any] = field(repr=False)
+    jwk: Mapping[str, Any]
     thumbprints: tuple[str, ...]
     #: The Rust-held private scalar of a usable exchange key (None for signing keys and unusable ones).
-    exchange: ExchangeKey | None = field(default=None, repr=False)
+    exchange: ExchangeKey | None
     #: A signing key's JWS signature (`protected`, `signature`) over `signed_payload`, made when its set was
     #: built. Kept because the private part is not: a later set with the same payload reuses it.
-    signature: Mapping[str, str] | None = field(default=None, repr=False)
-    signed_payload: bytes | None = field(default=None, repr=False)
+    signature: Mapping[str, str] | None
+    signed_payload: bytes | None
+
+    def __init__(
+        self,
+        name: str,
+        hidden: bool,
+        kind: KeyKind,
+        jwk: Mapping[str, Any],
+        thumbprints: tuple[str, ...],
+        exchange: ExchangeKey | None = None,
+        signature: Mapping[str, str] | None = None,
+        signed_payload: bytes | None = None,
+    ) -> None:
+        super().__init__(
+            name=name,
+            hidden=hidden,
+            kind=kind,
+            jwk=jwk,
+            thumbprints=thumbprints,
+            exchange=exchange,
+            signature=signature,
+            signed_payload=signed_payload,
+        )
 
     @property
     def kid(self) -> str:
         """The S256 thumbprint, as generated file names and `show-keys` use."""
         return self.thumbprints[2]
 
+    def signed(self, signature: Mapping[str, str], payload: bytes) -> Key:
+        """This key carrying `signature` over `payload`."""
+        return Key(self.name, self.hidden, self.kind, self.jwk, self.thumbprints, self.exchange, signature, payload)
 
-@dataclass(frozen=True, eq=False)
-class KeySet:
+
+class KeySet(_Record):
     """Everything served for one state of the key directory."""
 
+    _shown = ("keys", "by_thumbprint", "default_advertisement", "advertisements", "digest", "problems")
     keys: tuple[Key, ...]
     by_thumbprint: Mapping[str, Key]
     #: The default advertisement (`GET /adv`), or None when there is no visible signing key (answer 500).
@@ -74,9 +119,29 @@ class KeySet:
     #: Identifies exactly which keys are served and how (visible or hidden); equal across replicas in step.
     digest: str
     #: Human-readable reasons why this set cannot serve everything (logged, and shown by readiness).
-    problems: tuple[str, ...] = ()
+    problems: tuple[str, ...]
     #: What the key files looked like when read (see `DirectoryScan`), to notice changes cheaply.
-    fingerprint: tuple[tuple[str, int, int, int], ...] = field(default=(), repr=False)
+    fingerprint: tuple[tuple[str, int, int, int], ...]
+
+    def __init__(
+        self,
+        keys: tuple[Key, ...],
+        by_thumbprint: Mapping[str, Key],
+        default_advertisement: bytes | None,
+        advertisements: Mapping[str, bytes],
+        digest: str,
+        problems: tuple[str, ...] = (),
+        fingerprint: tuple[tuple[str, int, int, int], ...] = (),
+    ) -> None:
+        super().__init__(
+            keys=keys,
+            by_thumbprint=by_thumbprint,
+            default_advertisement=default_advertisement,
+            advertisements=advertisements,
+            digest=digest,
+            problems=problems,
+            fingerprint=fingerprint,
+        )
 
     @classmethod
     def empty(cls) -> KeySet:
@@ -115,8 +180,8 @@ def load_keyset(directory: Path, previous: KeySet | None = None) -> KeySet:
     return build_keyset(sorted(scan.files.items()), fingerprint=scan.fingerprint, kept=kept)
 
 
-@dataclass(frozen=True)
-class DirectoryScan:
+class DirectoryScan(_Record):
+    _shown = ("files", "unparsable", "fingerprint")
     #: The `*.jwk` files that parse as JSON objects, by name.
     files: Mapping[str, Mapping[str, Any]]
     #: `*.jwk` names present but not (yet) a readable JSON object: half written, or a dangling symlink.
@@ -124,8 +189,24 @@ class DirectoryScan:
     #: (name, inode, size, mtime) of every `*.jwk` file: changes whenever any of them does.
     fingerprint: tuple[tuple[str, int, int, int], ...]
 
+    def __init__(
+        self,
+        files: Mapping[str, Mapping[str, Any]],
+        unparsable: frozenset[str],
+        fingerprint: tuple[tuple[str, int, int, int], ...],
+    ) -> None:
+        super().__init__(files=files, unparsable=unparsable, fingerprint=fingerprint)
 
-def scan_directory(directory: Path) -> DirectoryScan:
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DirectoryScan):
+            return NotImplemented
+        return (self.files, self.unparsable, self.fingerprint) == (other.files, other.unparsable, other.fingerprint)
+
+    def __hash__(self) -> int:
+        return hash((self.files, self.unparsable, self.fingerprint))
+
+
+def scan_directory(directory: str | os.PathLike[str]) -> DirectoryScan:
     """Read every `*.jwk` file (following symlinks, as in a Kubernetes Secret volume); ignore other entries."""
     files: dict[str, Mapping[str, Any]] = {}
     unparsable: set[str] = set()
@@ -133,15 +214,15 @@ def scan_directory(directory: Path) -> DirectoryScan:
     with os.scandir(directory) as entries:
         names = sorted(entry.name for entry in entries if entry.name.endswith(KEY_SUFFIX))
     for name in names:
-        path = directory / name
+        path = os.path.join(directory, name)
         try:
-            with path.open("rb") as file:
+            with open(path, "rb") as file:
                 status = os.fstat(file.fileno())
                 data = file.read()
         except IsADirectoryError:
             continue
         except FileNotFoundError:
-            if path.is_symlink():
+            if os.path.islink(path):
                 # A dangling symlink: in a Kubernetes Secret volume, a key renamed by an update between the
                 # kubelet's ..data swap and its new top-level links. Transient, not a deletion.
                 unparsable.add(name)
@@ -150,11 +231,11 @@ def scan_directory(directory: Path) -> DirectoryScan:
         try:
             parsed = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            logger.warning("skipping key file %s: %s", path, _describe(exc))
+            _warning("skipping key file %s: %s", path, _describe(exc))
             unparsable.add(name)
             continue
         if not isinstance(parsed, dict):
-            logger.warning("skipping key file %s: not a JSON object", path)
+            _warning("skipping key file %s: not a JSON object", path)
             unparsable.add(name)
             continue
         files[name] = parsed
@@ -164,6 +245,12 @@ def scan_directory(directory: Path) -> DirectoryScan:
 def read_key_files(directory: Path) -> list[tuple[str, Mapping[str, Any]]]:
     """Every `*.jwk` file that parses as a JSON object, sorted by name."""
     return sorted(scan_directory(directory).files.items())
+
+
+def _warning(message: str, *args: object) -> None:
+    import logging  # here: a warning is rare, the import costs `tangd` a third of a connection
+
+    logging.getLogger(__name__).warning(message, *args)
 
 
 def _describe(exc: BaseException) -> str:
@@ -230,13 +317,13 @@ def build_keyset(
 def keyset_digest(keys: Iterable[Key]) -> str:
     """SHA-256 over the sorted (visibility, S256 thumbprint) pairs: stable across file names and load order."""
     lines = sorted(f"{'hidden' if key.hidden else 'visible'} {key.kid}\n" for key in keys)
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+    return jwk.digest("sha256", "".join(lines).encode()).hex()
 
 
 def _make_key(name: str, data: Mapping[str, Any]) -> Key | None:
     hidden = name.startswith(".")
     if data.get("kty") != "EC" or not all(isinstance(data.get(m), str) for m in ("crv", "x", "y")):
-        logger.warning("skipping key file %s: not an EC key with crv, x and y", name)
+        _warning("skipping key file %s: not an EC key with crv, x and y", name)
         return None
     thumbprints = tuple(jwk.thumbprints(data))
     if _is_exchange_key(data):
@@ -246,10 +333,10 @@ def _make_key(name: str, data: Mapping[str, Any]) -> Key | None:
         return Key(name, hidden, KeyKind.EXCHANGE, jwk.without_private_members(data), thumbprints, exchange)
     if jwk.permits(data, "sign") and jwk.permits(data, "verify"):
         if data["crv"] not in _SIGNING_ALGORITHMS or not isinstance(data.get("d"), str):
-            logger.warning("skipping key file %s: signing key without a usable private key", name)
+            _warning("skipping key file %s: signing key without a usable private key", name)
             return None
         return Key(name, hidden, KeyKind.SIGNING, jwk.without_private_members(data), thumbprints)
-    logger.warning("skipping key file %s: neither a signing nor an exchange key", name)
+    _warning("skipping key file %s: neither a signing nor an exchange key", name)
     return None
 
 
@@ -263,7 +350,7 @@ def _exchange_key(name: str, data: Mapping[str, Any]) -> ExchangeKey | None:
     if data.get("alg", "ECMR") != "ECMR" or not isinstance(data.get("d"), str):
         return None
     if data["crv"] != "P-521":
-        logger.warning("skipping key file %s: exchange keys must be on P-521", name)
+        _warning("skipping key file %s: exchange keys must be on P-521", name)
         return None
     try:
         d, x, y = (b64.decode(data[m]) for m in ("d", "x", "y"))
@@ -271,7 +358,7 @@ def _exchange_key(name: str, data: Mapping[str, Any]) -> ExchangeKey | None:
             raise InvalidKey("coordinates are not 66 bytes")
         return ExchangeKey(d, x, y)
     except (ValueError, InvalidKey, InvalidPoint) as exc:
-        logger.warning("skipping key file %s: invalid exchange key (%s)", name, type(exc).__name__)
+        _warning("skipping key file %s: invalid exchange key (%s)", name, type(exc).__name__)
         return None
 
 
@@ -285,7 +372,7 @@ def _signed(key: Key, payload: bytes, private: Mapping[str, Any] | None) -> Key:
     if key.kind is not KeyKind.SIGNING:
         return key
     if private is not None:
-        return replace(key, signature=_sign(private, payload), signed_payload=payload)
+        return key.signed(_sign(private, payload), payload)
     if key.signed_payload == payload:
         return key  # kept from the previous set while its file is rewritten, and nothing it signs has changed
     raise OSError(

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import suppress
-from dataclasses import replace
-from pathlib import Path
 
 from tang_server.keys.keyset import Key, KeyKind, KeySet, _make_key, _payload, build_keyset, scan_directory
 from tang_server.serving import handoff
 
 
-def load(directory: Path) -> KeySet:
+def load(directory: str) -> KeySet:
     """The directory's key set, built as `keyset.load_keyset` builds it, signing only what no cache file holds."""
     scan = scan_directory(directory)
     keys = sorted((key for name, data in scan.files.items() if (key := _make_key(name, data))), key=_name)
@@ -36,7 +33,7 @@ def load(directory: Path) -> KeySet:
         if key.kind is KeyKind.SIGNING and key.kid not in signatures:
             to_sign.append((key.name, scan.files[key.name]))
         elif key.kind is KeyKind.SIGNING:
-            kept.append(replace(key, signature=signatures[key.kid], signed_payload=payload))
+            kept.append(key.signed(signatures[key.kid], payload))
         else:
             kept.append(key)
     keyset = build_keyset(to_sign, fingerprint=scan.fingerprint, kept=kept)
@@ -46,14 +43,14 @@ def load(directory: Path) -> KeySet:
     return keyset
 
 
-def unchanged(directory: Path, keyset: KeySet) -> bool:
+def unchanged(directory: str, keyset: KeySet) -> bool:
     """True when the key files are the ones `keyset` was read from (names, inodes, sizes, times)."""
     found = []
     try:
         with os.scandir(directory) as entries:
             names = sorted(entry.name for entry in entries if entry.name.endswith(".jwk"))
         for name in names:
-            status = os.stat(directory / name)
+            status = os.stat(os.path.join(directory, name))
             found.append((name, status.st_ino, status.st_size, status.st_mtime_ns))
     except OSError:
         return False
@@ -64,21 +61,22 @@ def _name(key: Key) -> str:
     return key.name
 
 
-def _cache_file(payload: bytes) -> Path | None:
-    directory = Path(handoff.server_runtime_directory())
+def _cache_file(payload: bytes) -> str | None:
+    directory = handoff.server_runtime_directory()
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        status = directory.stat()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        status = os.stat(directory)
     except OSError:
         return None
     if status.st_uid != os.geteuid() or status.st_mode & 0o077:
         return None  # shared with others: neither trust nor feed it
-    return directory / f"adv-{handoff._sha256_hex(payload)[:32]}.json"
+    return f"{directory}/adv-{handoff._sha256_hex(payload)[:32]}.json"
 
 
-def _read(cache: Path, payload: bytes) -> dict[str, dict[str, str]]:
+def _read(cache: str, payload: bytes) -> dict[str, dict[str, str]]:
     try:
-        document = json.loads(cache.read_bytes())
+        with open(cache, "rb") as file:
+            document = json.loads(file.read())
         if document["payload"] != payload.decode():
             return {}
         signatures = document["signatures"]
@@ -90,11 +88,15 @@ def _read(cache: Path, payload: bytes) -> dict[str, dict[str, str]]:
         return {}
 
 
-def _write(cache: Path, payload: bytes, signatures: dict[str, dict[str, str]]) -> None:
-    temporary = cache.with_name(f".{cache.name}.{os.getpid()}")
+def _write(cache: str, payload: bytes, signatures: dict[str, dict[str, str]]) -> None:
+    head, name = os.path.split(cache)
+    temporary = os.path.join(head, f".{name}.{os.getpid()}")
     try:
-        temporary.write_text(json.dumps({"payload": payload.decode(), "signatures": signatures}))
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(json.dumps({"payload": payload.decode(), "signatures": signatures}))
         os.replace(temporary, cache)
     except OSError:  # not kept: the next connection signs again
-        with suppress(OSError):
-            temporary.unlink()
+        try:  # noqa: SIM105 - contextlib is an import `tangd` need not pay
+            os.unlink(temporary)
+        except OSError:
+            pass

@@ -21,6 +21,8 @@ The exchange, on a SOCK_SEQPACKET connection (each message arrives whole, with i
 
     tangd -> server:  b"TANG-HANDOFF 1\\0" + DIR's real path + b"\\0" + the -e endpoint, with the descriptor
     server -> tangd:  b"+" (the server owns the connection now) or b"-" (refused: tangd serves it itself)
+    server:           closes the control connection when it closes the connection (only a `tangd` whose parent
+                      relays the connection waits for that: socat stops relaying once its EXEC child exits)
 
 A connection is never lost or served twice: the server only reads from the connection after its b"+" was queued
 to `tangd`, and drops its copy unread when that send fails. `tangd` serves the connection itself when there is no
@@ -55,7 +57,7 @@ _S_IFMT, _S_IFSOCK = 0o170000, 0o140000
 def _sha256_hex(data: bytes) -> str:
     # hashlib loads OpenSSL, which costs more than tangd's whole hand-over: the built-in module when there is one
     # (_sha2 from Python 3.12, _sha256 before).
-    for name in ("_sha2", "_sha256", "hashlib"):
+    for name in ("_sha2" if sys.version_info >= (3, 12) else "_sha256", "hashlib"):
         try:
             module = __import__(name)
         except ImportError:
@@ -128,7 +130,11 @@ def stdin_is_socket() -> bool:
 
 def hand_over(directory: str, prefix: str, fd: int = 0) -> bool:
     """Pass the connection on `fd` to a running server for `directory`; True when the server took it (then this
-    process must neither read nor write it again), False when the caller must serve it."""
+    process must neither read nor write it again), False when the caller must serve it.
+
+    When the connection is one end of an unnamed socket pair, a parent relays it (`socat ... EXEC:`), and may stop
+    relaying once this process exits (socat does): then this closes its copies of the connection and returns
+    only once the server is done with it (it closes the control connection when it closes the connection)."""
     message = request_message(directory, prefix)
     trusted = _trusted_users(directory)
     for path in candidate_paths(directory):
@@ -136,6 +142,39 @@ def hand_over(directory: str, prefix: str, fd: int = 0) -> bool:
         if answer is not None:
             return answer
     return False
+
+
+def _relayed(fd: int) -> bool:
+    """Whether the connection on `fd` is a socket pair's end (a relaying parent), not an accepted connection."""
+    try:
+        sock = _socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        return sock.family == _socket.AF_UNIX and not sock.getsockname()
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def _wait_until_served(control: _socket.socket, fd: int) -> None:
+    """Close this process's copies of the connection on `fd` (standard output too when it is the same one), so
+    that its end follows the server's, and wait until the server closes the control connection."""
+    connection = os.fstat(fd)
+    for copy in {fd, 1}:
+        try:
+            status = os.fstat(copy)
+            if (status.st_dev, status.st_ino) == (connection.st_dev, connection.st_ino):
+                os.close(copy)
+        except OSError:
+            pass
+    control.settimeout(None)
+    try:
+        while control.recv(16):
+            pass
+    except OSError:
+        pass
 
 
 def _trusted_users(directory: str) -> set[int]:
@@ -160,12 +199,15 @@ def _try(path: str, message: bytes, fd: int, trusted: set[int]) -> bool | None:
             return None
         try:
             control.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))])
-            return control.recv(16) == ACCEPTED
+            accepted = control.recv(16) == ACCEPTED
         except TimeoutError:
             control.shutdown(_socket.SHUT_RDWR)
             return _last_answer(control) == ACCEPTED
         except OSError:  # reset: the server stopped before taking it
             return False
+        if accepted and _relayed(fd):
+            _wait_until_served(control, fd)
+        return accepted
     finally:
         control.close()
 

@@ -102,7 +102,7 @@ class HandoffListener:
                 return
             for extra in descriptors[1:]:
                 os.close(extra)
-            connection = socket.socket(fileno=descriptors[0])
+            connection = _Adopted(fileno=descriptors[0])
             if not self._acceptable(message, flags, connection):
                 connection.close()
                 with contextlib.suppress(OSError):
@@ -113,6 +113,7 @@ class HandoffListener:
             except OSError:  # tangd gave up (or died) first: it serves the connection, or nobody may
                 connection.close()
                 return
+            connection.control = control.dup()  # closed with the connection: a waiting tangd then exits
         task = self.loop.create_task(self._adopt(connection))
         self.adopting.add(task)
         task.add_done_callback(self.adopting.discard)
@@ -145,6 +146,27 @@ class HandoffListener:
         self.waiting.clear()
         if self.adopting:
             await asyncio.gather(*self.adopting, return_exceptions=True)
+
+
+class _Adopted(socket.socket):
+    """A handed-over connection, which closes its control connection when it is closed or detached (uvloop's
+    transports detach the socket object and close the descriptor themselves)."""
+
+    control: socket.socket | None = None
+
+    def close(self) -> None:
+        super().close()
+        self._release()
+
+    def detach(self) -> int:
+        fd = super().detach()
+        self._release()
+        return fd
+
+    def _release(self) -> None:
+        control, self.control = self.control, None
+        if control is not None:
+            control.close()
 
 
 def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
