@@ -107,10 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         server.serve(settings(directory, endpoint, args.port))
         return 0
-    if not (handoff.stdin_is_socket() and handoff.hand_over(directory, endpoint)):
-        serve_connection(directory, endpoint)
-    if argv is None:
-        _exit_now()
+    handed_over = handoff.stdin_is_socket() and handoff.hand_over(directory, endpoint)
+    if (handed_over or serve_connection(directory, endpoint)) and argv is None:
+        _exit_now()  # not after the full server: its logging may hold lines until the interpreter's teardown
     return 0
 
 
@@ -140,9 +139,9 @@ def settings(directory: str, endpoint: str, port: int = DEFAULT_PORT) -> Setting
     )
 
 
-def serve_connection(directory: str, endpoint: str) -> None:
+def serve_connection(directory: str, endpoint: str) -> bool:
     """The connection on standard input, served here: plain requests without the event loop or the settings, the
-    rest (and everything after it) by the full server."""
+    rest (and everything after it) by the full server. True when no request needed the full server."""
     from tang_server.serving import oneshot
 
     connection = oneshot.Connection(directory, endpoint)
@@ -152,6 +151,8 @@ def serve_connection(directory: str, endpoint: str) -> None:
         from tang_server.serving import server
 
         server.serve_connection(settings(directory, endpoint), connection.buffer)
+        return False
+    return True
 
 
 if __name__ == "__main__":
