@@ -148,7 +148,9 @@ def test_ready_only_once_the_keys_are_loaded(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     port = free_port()
     address = f"127.0.0.1:{port}"
-    with activated(tmp_path, [address], "--keys-dir", str(keys), "--no-auto-keygen") as service:
+    # One worker: two would both read the one FIFO and split its bytes between them.
+    serve = ["--keys-dir", str(keys), "--no-auto-keygen", "--workers", "1"]
+    with activated(tmp_path, [address], *serve) as service:
         trigger = _connect(address)
         deadline = time.monotonic() + DEADLINE
         while True:  # opening a FIFO's write end without blocking succeeds only once a reader has it open
