@@ -15,6 +15,7 @@ RUN python3 -m venv /opt/maturin \
 COPY Cargo.toml Cargo.lock pyproject.toml README.md ./
 COPY rust ./rust
 COPY python ./python
+COPY packaging ./packaging
 RUN /opt/maturin/bin/maturin build --release --locked --interpreter python3 --out /dist
 
 FROM python:3.11.11-slim-bookworm

@@ -3,7 +3,8 @@
 The wheel is built by the Makefile's own target, judged by `auditwheel show` (PyPA's checker, not maturin's own
 tag), then installed with pip into a fresh virtual environment whose PATH holds the interpreter and nothing else,
 together with the locked runtime dependencies from the registry. The installed `tang-server` generates keys,
-serves, and its `check` command (and a real clevis round trip) accepts the server.
+serves, and its `check` command (and a real clevis round trip) accepts the server; the installed `tangd` serves a
+connection in inetd mode.
 """
 
 from __future__ import annotations
@@ -78,3 +79,11 @@ def test_the_wheel_is_manylinux_abi3_and_serves_without_a_compiler(tmp_path: Pat
         decrypted = subprocess.run(["clevis", "decrypt"], input=encrypted, capture_output=True, timeout=DEADLINE)
         assert decrypted.stdout == b"wheel", decrypted.stderr
     assert os.listdir(keys)
+
+    # tangd is the wheel's own script (not a console-script entry point): installed, run by this environment's
+    # interpreter, and serving one connection on standard input as inetd runs it.
+    tangd = venv / "bin" / "tangd"
+    assert tangd.read_text().splitlines()[0] in {f"#!{venv}/bin/python", f"#!{venv}/bin/python3"}, tangd.read_text()
+    one = subprocess.run([str(tangd), str(keys)], input=b"GET /adv HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+                         capture_output=True, env=host, timeout=DEADLINE)  # fmt: skip
+    assert one.stdout.startswith(b"HTTP/1.1 200"), one.stdout[:200] + one.stderr[-2000:]
