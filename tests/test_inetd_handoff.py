@@ -312,14 +312,16 @@ _HEAVY = {"argparse", "asyncio", "dataclasses", "hashlib", "http", "inspect", "l
 def _modules_after_main(keys: Path, stdin: int | None, data: bytes = b"") -> set[str]:
     """The modules `tangd DIR` has imported once it is done with its connection (in a child interpreter)."""
     code = (
-        "import re, sys\n"  # what pip's console-script launcher imports first
+        "import sys\n"  # what the installed launcher (packaging/wheel-data/scripts/tangd) imports first
         "from tang_server import tangd\n"
         f"status = tangd.main([{str(keys)!r}])\n"
         "print('MODULES', *sorted(sys.modules), file=sys.stderr)\n"
     )
+    # Without the suite's coverage hook, which imports much of this list itself at interpreter start.
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("COVERAGE_PROCESS_")}
     result = subprocess.run(
         [str(BIN / "python"), "-c", code], stdin=stdin, input=None if stdin is not None else data,
-        capture_output=True, timeout=DEADLINE,
+        capture_output=True, timeout=DEADLINE, env=environment,
     )  # fmt: skip
     found = [line.split()[1:] for line in result.stderr.decode().splitlines() if line.startswith("MODULES ")]
     assert result.returncode == 0 and len(found) == 1, result.stderr
