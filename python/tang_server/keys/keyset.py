@@ -147,6 +147,10 @@ class KeySet(_Record):
     def empty(cls) -> KeySet:
         return build_keyset(())
 
+    def visibility(self) -> dict[str, str]:
+        """By S256 key id, "visible" or "hidden", for every key of the set (metric labels, `/status`)."""
+        return {key.kid: "hidden" if key.hidden else "visible" for key in self.keys}
+
     def find(self, thumbprint: str) -> Key | None:
         return self.by_thumbprint.get(thumbprint)
 

@@ -180,7 +180,7 @@ class Metrics:
                 self.keys.labels("hidden" if hidden else "visible", kind).set(count)
         self.ready.set(1 if keyset.ready else 0)
         self.last_reload.set(time.time())
-        self._visibility = {key.kid: "hidden" if key.hidden else "visible" for key in keyset.keys}
+        self._visibility = keyset.visibility()
 
     def usage_flushed(
         self,

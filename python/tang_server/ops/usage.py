@@ -176,7 +176,7 @@ class Usage:
     def report(self) -> dict[str, Any]:
         """Per-key usage of this replica, public information only (no client addresses): `/status`."""
         keyset = self._keyset()
-        visibility = {key.kid: "hidden" if key.hidden else "visible" for key in keyset.keys}
+        visibility = keyset.visibility()
         rows: list[dict[str, Any]] = []
         # Estimated distinct clients of the last 23 to 24 hours (`distinct.py`), every worker merged; None for a key
         # no longer loaded.
