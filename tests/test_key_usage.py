@@ -53,6 +53,9 @@ def test_flood_of_random_key_ids_adds_no_series_and_no_rows(keys: Path, tmp_path
         eventually(lambda: sample(scrape(server), "tang_recovery_unknown_key_total") == 1, "the first 404 counted")
         eventually(lambda: f'tang_recoveries_total{{kid="{kid}",visibility="visible"}} 1.0' in scrape(server),
                    "the recovery counted")  # fmt: skip
+        # Both workers' own series exist once each has loaded its keys: wait for that, or the second worker's
+        # first series would appear between the two scrapes.
+        eventually(lambda: scrape(server).count("tang_keyset_ready{") == 2, "both workers serving")
         before = series(scrape(server))
         rows = set(ledger.read(ledger.path_in(state)))
         flood = [secrets.token_urlsafe(32) for _ in range(300)]
