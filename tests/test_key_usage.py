@@ -37,6 +37,9 @@ def sample(text: str, name: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
+READY = re.compile(r'^tang_keyset_ready\{pid="\d+"\} 1\.0$', re.MULTILINE)
+
+
 def series(text: str) -> list[str]:
     """Every sample's name and labels, without its value."""
     return sorted(line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#"))
@@ -54,8 +57,9 @@ def test_flood_of_random_key_ids_adds_no_series_and_no_rows(keys: Path, tmp_path
         eventually(lambda: f'tang_recoveries_total{{kid="{kid}",visibility="visible"}} 1.0' in scrape(server),
                    "the recovery counted")  # fmt: skip
         # Both workers' own series exist once each has loaded its keys: wait for that, or the second worker's
-        # first series would appear between the two scrapes.
-        eventually(lambda: scrape(server).count("tang_keyset_ready{") == 2, "both workers serving")
+        # first series would appear between the two scrapes. `tang_keyset_ready` is written last by a load, and
+        # its series exists (at 0) from the worker's start: wait for its value.
+        eventually(lambda: len(READY.findall(scrape(server))) == 2, "both workers serving")
         before = series(scrape(server))
         rows = set(ledger.read(ledger.path_in(state)))
         flood = [secrets.token_urlsafe(32) for _ in range(300)]
