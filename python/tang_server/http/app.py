@@ -144,9 +144,9 @@ class TangApplication:
         """Counts an answered request in the metrics and writes its access log line."""
         if self.metrics is not None:
             self.metrics.answered(route, request.method, status, elapsed)
-        if self.access_log is not None:
-            target = request.target[:256].decode("latin-1")
-            self.access_log.record(request.client, request.method, target, request.http_version, status, elapsed)
+        log = self.access_log
+        if log is not None:
+            log.record(request.client, request.method, request.target, request.http_version, status, elapsed)
 
     # The ASGI path.
 
