@@ -20,6 +20,8 @@ PORT ?= 7500
 KEYS ?= keys
 WORKERS ?= 1
 BENCH_SECONDS ?= 5
+# Rounds of the load harness: each figure is the median of this many interleaved measurements.
+BENCH_ROUNDS ?= 3
 SOAK_MINUTES ?= 3
 # Fuzzing: seconds per fuzzer within `make test`, and for `make fuzz`.
 FUZZ_SMOKE_SECONDS ?= 20
@@ -45,7 +47,7 @@ SOURCES := pyproject.toml Cargo.toml Cargo.lock $(wildcard rust/*/Cargo.toml) \
 DIST ?= dist
 WHEEL_TAG := manylinux_2_28
 
-.PHONY: help prerequisites run test floor-test lock dist lint cargo-llvm-cov bench capacity soak overload fuzz fuzz-smoke cargo-fuzz debian-packages rust-test python-test clean
+.PHONY: help prerequisites run test floor-test lock dist lint cargo-llvm-cov bench profile capacity soak overload fuzz fuzz-smoke cargo-fuzz debian-packages rust-test python-test clean
 
 help:
 	@echo "make run    serve the Tang protocol on $(HOST):$(PORT) from ./$(KEYS) (keys generated on first start)"
@@ -167,7 +169,11 @@ bench: $(DEV_STAMP) $(STAMP) debian-packages
 	openssl speed -seconds 3 ecdhp521 2>/dev/null | tail -2
 	cargo build --release --quiet -p tang-p521 --example mul_rate
 	$(BIN)/pytest bench --benchmark-only --benchmark-columns=min,median,mean,ops
-	cd bench && ../$(BIN)/python load.py --seconds $(BENCH_SECONDS) --workers $(WORKERS) --peers reference,tangy,constant
+	cd bench && ../$(BIN)/python load.py --seconds $(BENCH_SECONDS) --rounds $(BENCH_ROUNDS) --workers $(WORKERS) \
+		--peers reference,tangy,constant
+
+profile: $(DEV_STAMP) $(STAMP) debian-packages
+	cd bench && ../$(BIN)/python profile.py
 
 capacity: $(DEV_STAMP) $(STAMP) debian-packages
 	cargo build --release --quiet -p tang-p521 --example mul_rate

@@ -1,7 +1,7 @@
 """Load harness: our server, its peers (the reference C server, tangy) and the two ceilings, measured by wrk in one run.
 
     python bench/load.py [--seconds 5] [--connections 16] [--workers 1] [--output bench/results/load.json]
-                         [--baseline DIR] [--variant NAME=ARGS]... [--peers reference,tangy,constant]
+                         [--baseline DIR] [--variant NAME=ARGS]... [--peers reference,tangy,constant] [--rounds 1]
 
 `--baseline DIR` also measures another version of our server, DIR holding its `tang_server` package (for
 example `git archive REV python | tar -x -C DIR`, plus the built `_native*.so`), right after ours on the same
@@ -22,7 +22,10 @@ by the reference's tangd-keygen), pinned to the server CPUs while wrk runs on th
 server and a one-core load generator do not compete. For every server and route it reports requests per second,
 p50/p99/p99.9 latency and the server's CPU seconds per request, with kept-alive connections and with a new
 connection per request (what curl in clevis does). Ratios are computed within the run, never against numbers
-from another machine or another day.
+from another machine or another day. Every server runs for the whole measurement, idle
+but for its turn: each route and connection mode is measured on each server in turn, `--rounds N` times over,
+and each figure reported is the median over the rounds. On a shared machine a neighbour's burst of load then moves
+one measurement of every server rather than every measurement of one.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +66,38 @@ class Measurement:
     p999_ms: float
     cpu_ms_per_request: float
     errors: int
+
+
+@dataclass
+class Contender:
+    """A server measured in every round."""
+
+    title: str
+    name: str
+    command: list[str]
+    port: int
+    env: dict[str, str] | None = None
+    adv_only: bool = False  # the constant app answers every path alike: /rec would measure nothing new
+
+
+def median_of(rounds: list[list[Measurement]]) -> list[Measurement]:
+    """Each server, route and connection's median over the rounds (errors: summed)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged = []
+    for first in rounds[0]:
+        same = [m for measured in rounds for m in measured
+                if (m.server, m.route, m.connection) == (first.server, first.route, first.connection)]  # fmt: skip
+        merged.append(Measurement(
+            server=first.server, route=first.route, connection=first.connection,
+            requests_per_second=statistics.median(m.requests_per_second for m in same),
+            p50_ms=statistics.median(m.p50_ms for m in same),
+            p99_ms=statistics.median(m.p99_ms for m in same),
+            p999_ms=statistics.median(m.p999_ms for m in same),
+            cpu_ms_per_request=statistics.median(m.cpu_ms_per_request for m in same),
+            errors=sum(m.errors for m in same),
+        ))  # fmt: skip
+    return merged
 
 
 def free_port() -> int:
@@ -169,43 +205,33 @@ def prepare_keys(work: Path) -> tuple[Path, str, Path]:
 def measure(
     name: str,
     process: subprocess.Popen[bytes],
-    base: str,
-    routes: dict[str, tuple[str, Path | None]],
+    url: str,
+    route: str,
+    body: Path | None,
+    close: bool,
     args: argparse.Namespace,
-) -> list[Measurement]:
-    results = []
-    for route, (path, body) in routes.items():
-        for close in (False, True):
-            before = cpu_seconds(process.pid)
-            summary = wrk(
-                base + path,
-                seconds=args.seconds,
-                connections=args.connections,
-                cpus=args.load_cpus,
-                body=body,
-                close=close,
-            )
-            used = cpu_seconds(process.pid) - before
-            requests = max(summary["requests"], 1)
-            results.append(
-                Measurement(
-                    server=name,
-                    route=route,
-                    connection="new" if close else "kept-alive",
-                    requests_per_second=requests / (summary["duration_us"] / 1e6),
-                    p50_ms=summary["p50_us"] / 1000,
-                    p99_ms=summary["p99_us"] / 1000,
-                    p999_ms=summary["p999_us"] / 1000,
-                    cpu_ms_per_request=used * 1000 / requests,
-                    errors=int(summary["socket_errors"] + summary["non_2xx"]),
-                )
-            )
-            print(
-                f"  {name:<10} {route:<5} {results[-1].connection:<10} {results[-1].requests_per_second:>9.0f} req/s"
-                f"  p99 {results[-1].p99_ms:7.2f} ms  errors {results[-1].errors}",
-                flush=True,
-            )
-    return results
+) -> Measurement:
+    before = cpu_seconds(process.pid)
+    summary = wrk(url, seconds=args.seconds, connections=args.connections, cpus=args.load_cpus, body=body, close=close)
+    used = cpu_seconds(process.pid) - before
+    requests = max(summary["requests"], 1)
+    result = Measurement(
+        server=name,
+        route=route,
+        connection="new" if close else "kept-alive",
+        requests_per_second=requests / (summary["duration_us"] / 1e6),
+        p50_ms=summary["p50_us"] / 1000,
+        p99_ms=summary["p99_us"] / 1000,
+        p999_ms=summary["p999_us"] / 1000,
+        cpu_ms_per_request=used * 1000 / requests,
+        errors=int(summary["socket_errors"] + summary["non_2xx"]),
+    )
+    print(
+        f"  {name:<10} {route:<5} {result.connection:<10} {result.requests_per_second:>9.0f} req/s"
+        f"  p99 {result.p99_ms:7.2f} ms  errors {result.errors}",
+        flush=True,
+    )
+    return result
 
 
 def tangy_binary() -> Path:
@@ -245,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="wrk duration per measurement")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1, help="measure every server this many times, interleaved")
     parser.add_argument("--workers", type=int, default=1, help="our worker processes")
     parser.add_argument("--server-cpus", default="1", help="taskset CPU list for the servers")
     parser.add_argument("--load-cpus", default="0", help="taskset CPU list for wrk")
@@ -265,71 +292,59 @@ def main(argv: list[str] | None = None) -> int:
     try:
         keys, rec_path, body = prepare_keys(work)
         routes = {"adv": ("/adv", None), "rec": (rec_path, body)}
-        results: list[Measurement] = []
-
+        ours_title = f"ours ({args.workers} worker(s) on CPUs {args.server_cpus})"
         port = free_port()
-        ours = serve_command(keys, port, args.workers)
-        print(f"ours ({args.workers} worker(s) on CPUs {args.server_cpus}):", flush=True)
-        with started(ours, port, args.server_cpus) as process:
-            results += measure("ours", process, f"http://127.0.0.1:{port}", routes, args)
-
+        contenders = [Contender(ours_title, "ours", serve_command(keys, port, args.workers), port)]
         if args.baseline is not None:
             port = free_port()
-            print(f"baseline ({args.baseline}):", flush=True)
             environment = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
             command = serve_command(keys, port, args.workers)
-            with started(command, port, args.server_cpus, environment) as process:
-                results += measure("baseline", process, f"http://127.0.0.1:{port}", routes, args)
-
+            contenders.append(Contender(f"baseline ({args.baseline})", "baseline", command, port, environment))
         for variant in args.variant:
             name, _, extra = variant.partition("=")
             port = free_port()
             command = serve_command(keys, port, args.workers, *shlex.split(extra.replace("{work}", str(work))))
-            print(f"{name} (ours with {extra}):", flush=True)
-            with started(command, port, args.server_cpus) as process:
-                results += measure(name, process, f"http://127.0.0.1:{port}", routes, args)
-
+            contenders.append(Contender(f"{name} (ours with {extra})", name, command, port))
         if "reference" in peers:
             port = free_port()
-            reference = [
-                "socat",
-                f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024",
-                f"EXEC:/usr/libexec/tangd {keys}",
-            ]
-            print("reference (tangd through socat):", flush=True)
-            with started(reference, port, args.server_cpus) as process:
-                results += measure("reference", process, f"http://127.0.0.1:{port}", routes, args)
-
+            reference = ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024",
+                         f"EXEC:/usr/libexec/tangd {keys}"]  # fmt: skip
+            contenders.append(Contender("reference (tangd through socat)", "reference", reference, port))
         if tangy is not None:
             port = free_port()
-            print(f"tangy {TANGY_VERSION} (Rust, Rocket):", flush=True)
             command = [str(tangy), "--dir", str(keys), "--port", str(port), "--address", "127.0.0.1"]
-            with started(command, port, args.server_cpus) as process:
-                results += measure("tangy", process, f"http://127.0.0.1:{port}", routes, args)
-            print("  (tangy's errors on new connections: its closes, which wrk did not expect; see the docstring)")
-
+            contenders.append(Contender(f"tangy {TANGY_VERSION} (Rust, Rocket)", "tangy", command, port))
         if "constant" in peers:
             port = free_port()
-            constant = [
-                str(BIN / "uvicorn"),
-                "constant_app:app",
-                "--app-dir",
-                str(HERE),
-                "--port",
-                str(port),
-                "--workers",
-                str(args.workers),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ]
-            print("constant bytes (bare uvicorn):", flush=True)
-            with started(constant, port, args.server_cpus) as process:
-                results += measure("constant", process, f"http://127.0.0.1:{port}", {"adv": ("/adv", None)}, args)
+            constant = [str(BIN / "uvicorn"), "constant_app:app", "--app-dir", str(HERE), "--port", str(port),
+                        "--workers", str(args.workers), "--loop", "uvloop", "--http", "httptools",
+                        "--no-access-log", "--log-level", "warning"]  # fmt: skip
+            contenders.append(Contender("constant bytes (bare uvicorn)", "constant", constant, port, adv_only=True))
+
+        rounds: list[list[Measurement]] = []
+        with contextlib.ExitStack() as running:
+            processes = {}
+            for contender in contenders:
+                print(f"{contender.name}: {contender.title}", flush=True)
+                started_here = started(contender.command, contender.port, args.server_cpus, contender.env)
+                processes[contender.name] = running.enter_context(started_here)
+            # Interleaved: each route and connection mode is measured on every server in turn, so that a
+            # neighbour's burst of load moves one row of every server rather than every row of one.
+            for number in range(args.rounds):
+                print(f"round {number + 1} of {args.rounds}:", flush=True)
+                measured = []
+                for route, (path, payload) in routes.items():
+                    for close in (False, True):
+                        for contender in contenders:
+                            if route == "adv" or not contender.adv_only:
+                                url = f"http://127.0.0.1:{contender.port}{path}"
+                                process = processes[contender.name]
+                                measured.append(measure(contender.name, process, url, route, payload, close, args))
+                order = [contender.name for contender in contenders]
+                rounds.append(sorted(measured, key=lambda m: order.index(m.server)))  # stable: routes keep order
+        if tangy is not None:
+            print("(tangy's errors on new connections: its closes, which wrk did not expect; see the docstring)")
+        results = median_of(rounds)
 
         mul_rate = pure_multiplication_rate(args.seconds, args.server_cpus.split(",")[0])
         openssl_rate = openssl_speed(args.seconds, args.server_cpus.split(",")[0])
@@ -378,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "pure_multiplication_per_second": mul_rate,
         "openssl_speed_ecdhp521_per_second": openssl_rate,
         "measurements": [asdict(r) for r in results],
+        "rounds": [[asdict(r) for r in measured] for measured in rounds],
         "ratios": ratios,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

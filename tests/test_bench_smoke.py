@@ -52,3 +52,28 @@ def test_overload_harness_smoke(tmp_path: Path) -> None:
         assert all(0 <= share <= 1 for share in shares) and math.isclose(sum(shares), 1, abs_tol=1e-6), row
     report = output.read_text()
     assert "| off |" in report and "| 1000 |" in report
+
+
+def test_profile_harness_attributes_the_access_log_and_the_recovery(tmp_path: Path) -> None:
+    """py-spy's samples land in the parts they belong to: the access log's share is above 0 with the log on and 0
+    with it off; the recovery's share is above 0 on /rec and 0 on /adv. (About 500 samples per row: an access log
+    near 5% of them has no realistic chance of drawing none.)"""
+    require_tools("wrk", "taskset")
+    reports = {}
+    for name, serve_args in (("on", ""), ("off", "--no-access-log")):
+        output = tmp_path / f"{name}.json"
+        command = [sys.executable, str(ROOT / "bench" / "profile.py"), "--seconds", "2", "--rate", "250",
+                   "--connections", "4", "--server-cpus", "0,1", "--load-cpus", "0,1", f"--serve-args={serve_args}",
+                   "--output", str(output)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT / "bench")
+        assert result.returncode == 0, result.stderr[-2000:]
+        print(result.stdout)
+        reports[name] = {(row["route"], row["connection"]): row for row in json.loads(output.read_text())["profiles"]}
+    for name, rows in reports.items():
+        assert set(rows) == {(route, mode) for route in ("adv", "rec") for mode in ("kept-alive", "new")}
+        for (route, _), row in rows.items():
+            assert row["samples"] > 100, row
+            assert all(0 <= share <= 100 for share in row["groups"].values()), row
+            recovery = row["groups"]["recovery: validation and the P-521 multiplication"]
+            assert (recovery > 0) == (route == "rec"), row
+            assert (row["groups"]["access log"] > 0) == (name == "on"), row
