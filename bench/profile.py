@@ -6,10 +6,11 @@
 One worker (one process) pinned to the server CPU, wrk on the load CPU, the same keys and client as `load.py`.
 For each of /adv and /rec, kept-alive and with a new connection per request, py-spy samples the worker's Python
 stacks (it stops the process for each sample, so every stack is whole) and the report gives each part of the
-request path as a share of the event loop thread's samples (at least `--samples` of them per row, in as many
-passes of `--seconds` as that takes): a ratio within one process and one run, which a noisy neighbour moves
-far less than a throughput. "event loop and kernel" are samples with no Python frame below
-the event loop: uvloop's C code, the system calls and the kernel's TCP work (accept, read, write, close).
+request path as a share of the samples of the event loop thread and of the key-usage thread (at least
+`--samples` of them per row, in as many passes of `--seconds` as that takes): a ratio within one process and one
+run, which a noisy neighbour moves far less than a throughput. "event loop and kernel" are samples with no
+Python frame below the event loop: uvloop's C code, the system calls and the kernel's TCP work (accept, read,
+write, close).
 
 The shares are of the worker's CPU; a part's cost per request is its share times the CPU per request `load.py`
 reports. The top functions by inclusive share follow, for what the groups do not name.
@@ -40,7 +41,13 @@ GROUPS: dict[str, re.Pattern[str]] = {
     "HTTP parsing (httptools callbacks)": re.compile(r"^TangHttpProtocol\.on_|^HttpToolsProtocol\.on_"),
     "connection set-up and teardown": re.compile(r"\.connection_made \(|\.connection_lost \(|_start_deadline|_closing"),
     "answer (route, key set, headers)": re.compile(r"^TangApplication\.(answer|_advertisement|_recovery|refusal) \("),
+    "key usage and the ledger": re.compile(r"\(tang_server/ops/(usage|ledger|distinct)\.py\)$"),
 }
+#: The one background thread whose work each request causes (it merges the requests' usage and writes the ledger):
+#: its samples count, as they hold the interpreter the event loop needs.
+USAGE_THREAD = re.compile(r"^Usage\._run \(")
+#: py-spy reports a thread waiting for its timer as active; these innermost frames mean it is waiting.
+IDLE = re.compile(r"^(Condition|Event)\.wait \(threading\.py\)$")
 LOOP_ONLY = "event loop and kernel"
 
 
@@ -58,8 +65,10 @@ def shares(raw: str) -> tuple[int, dict[str, float], list[tuple[str, float]]]:
     for line in filter(None, raw.splitlines()):
         stack, _, count = line.rpartition(" ")
         frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
-        if frames[0].startswith("Thread._bootstrap ("):
-            continue  # the key watcher's and the usage flusher's threads: they wait, and run off the request path
+        if frames[0].startswith("Thread._bootstrap (") and (
+            not any(USAGE_THREAD.search(frame) for frame in frames) or IDLE.search(frames[-1])
+        ):
+            continue  # the key watcher's thread (it works only when the directory changes), or a thread waiting
         samples = int(count)
         total += samples
         if frames[-1].startswith("Runner.run ("):
