@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -51,25 +52,37 @@ def eventually(check: object, timeout: float = 30.0) -> None:
         time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def prometheus_scraping(server: Server, work: Path, *, alert_rules: bool = False) -> Iterator[str]:
+    """A real Prometheus scraping `server` every second (evaluating the shipped alert rules if asked): its URL."""
+    require_tools("prometheus")
+    config = work / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        + (f"rule_files: ['{RULES / 'tang-alerts.yml'}']\n" if alert_rules else "")
+        + "scrape_configs:\n"
+        f"  - job_name: tang\n    static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n"
+    )
+    port = free_port()
+    command = [
+        "prometheus",
+        f"--config.file={config}",
+        f"--storage.tsdb.path={work / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with running(command, port, work / "prometheus.log"):
+        yield f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture
 def scraped(keys: Path, tmp_path: Path) -> Iterator[tuple[Server, str]]:
     require_tools("prometheus")
-    with our_server(keys, tmp_path / "server.log", "--metrics-dir", str(tmp_path / "metrics"), workers=3) as server:
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            "scrape_configs:\n"
-            f"  - job_name: tang\n    static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n"
-        )
-        port = free_port()
-        command = [
-            "prometheus",
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ]
-        with running(command, port, tmp_path / "prometheus.log"):
-            yield server, f"http://127.0.0.1:{port}"
+    metrics = str(tmp_path / "metrics")
+    with (
+        our_server(keys, tmp_path / "server.log", "--metrics-dir", metrics, workers=3) as server,
+        prometheus_scraping(server, tmp_path) as prometheus,
+    ):
+        yield server, prometheus
 
 
 def test_counts_add_up_across_workers_and_digests_follow_the_keys(scraped: tuple[Server, str], keys: Path) -> None:

@@ -15,13 +15,26 @@ from .luks import clevis_decrypt, clevis_encrypt, protected_header, tool_env
 from .support import our_server, require_tools
 from .test_key_usage import cli, recorded, sample, scrape, status
 from .test_ledger import FAST_FLUSH, eventually
+from .test_prometheus import prometheus_scraping, query
+
+UNKNOWN_KEY_ALERT = 'ALERTS{alertname="TangRecoveryUnknownKey",alertstate="firing"}'
+
+
+def scraped_since(prometheus: str, moment: float) -> bool:
+    """Prometheus has a sample of the unknown-key counter taken after `moment` (so the rule saw the count before)."""
+    result = query(prometheus, "timestamp(tang_recovery_unknown_key_total)")
+    values = [row["value"] for row in result]
+    return bool(values) and all(isinstance(value, list) and float(value[1]) > moment for value in values)
 
 
 def test_old_key_usage_is_exact_and_guards_its_deletion(keys: Path, tmp_path: Path) -> None:
     require_tools("clevis", "jose")
     env = tool_env(tmp_path)
     state = tmp_path / "state"
-    with our_server(keys, tmp_path / "server.log", "--state-dir", str(state), *FAST_FLUSH, workers=2) as server:
+    with (
+        our_server(keys, tmp_path / "server.log", "--state-dir", str(state), *FAST_FLUSH, workers=2) as server,
+        prometheus_scraping(server, tmp_path, alert_rules=True) as prometheus,
+    ):
         bound = [clevis_encrypt(server.url, f"disk {n}".encode(), env) for n in range(3)]
         old = protected_header(bound[0].decode())["clevis"]["tang"]["adv"]["keys"]
         old_exchange = next(k for k in load_keyset(keys).visible if k.kind.value == "exchange").kid
@@ -66,9 +79,14 @@ def test_old_key_usage_is_exact_and_guards_its_deletion(keys: Path, tmp_path: Pa
         assert f"deleted {old_exchange}" in deleted.stdout
         eventually(lambda: old_exchange not in json.dumps(status(server)["hidden"]), "the deletion served")
 
-        # Machine 2 was never re-bound: it can no longer unlock, and the server counts it.
+        # Machine 2 was never re-bound: it can no longer unlock, and the server counts it. The shipped alert rule,
+        # evaluated by a real Prometheus scraping this server, is quiet until then and fires after.
         unknown_before = sample(scrape(server), "tang_recovery_unknown_key_total") or 0
+        scraped_now = time.time()
+        eventually(lambda: scraped_since(prometheus, scraped_now), "Prometheus scraping the server")
+        assert query(prometheus, UNKNOWN_KEY_ALERT) == []
         assert clevis_decrypt(bound[2], env).returncode != 0
         eventually(lambda: sample(scrape(server), "tang_recovery_unknown_key_total") == unknown_before + 1,
                    "the recovery for the deleted key counted")  # fmt: skip
+        eventually(lambda: query(prometheus, UNKNOWN_KEY_ALERT) != [], "TangRecoveryUnknownKey firing")
     assert f'"POST /rec/{old_exchange} HTTP/1.1" 404' in server.log_text()
