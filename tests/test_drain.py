@@ -1,4 +1,5 @@
-"""SIGTERM while requests are in flight: everything the server has received is answered, then it exits with 0.
+"""SIGTERM (or SIGINT) while requests are in flight: everything the server has received is answered, then it exits
+with 0.
 
 64 connections hold complete requests (16 pipelined each, on the direct and the general path) when SIGTERM
 arrives; others hold a request half sent, completed during the drain window or after the listener closed; others
@@ -151,7 +152,10 @@ def _refused(port: int) -> bool:
 
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("drain", [0.0, 1.5])
-def test_sigterm_answers_everything_received(keys: Path, tmp_path: Path, workers: int, drain: float) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_answers_everything_received(
+    keys: Path, tmp_path: Path, workers: int, drain: float, stop: signal.Signals
+) -> None:
     require_tools("jose")
     _, exchange = load_keys(keys)
     kid = thumbprint(exchange)
@@ -182,7 +186,7 @@ def test_sigterm_answers_everything_received(keys: Path, tmp_path: Path, workers
                     client.expected.append(answers[which])
             client.conn.sendall(b"".join(pipelined))
 
-        os.kill(server.process.pid, signal.SIGTERM)  # the parent only, as Kubernetes and systemd do
+        os.kill(server.process.pid, stop)  # the parent only, as Kubernetes and systemd do (SIGINT: Ctrl+C)
         stopped = time.monotonic()
 
         if drain:
@@ -211,7 +215,7 @@ def test_sigterm_answers_everything_received(keys: Path, tmp_path: Path, workers
         exited = time.monotonic() - stopped
         log = server.log_text()
     answering = sum(int(n) for n in re.findall(r"closing the listener: (\d+) connections answering", log))
-    print(f"workers={workers} drain={drain}: listener closed after {closed:.2f}s, exit after {exited:.2f}s "
+    print(f"{stop.name} workers={workers} drain={drain}: listener closed after {closed:.2f}s, exit after {exited:.2f}s "
           f"(bound {bound}s); {IN_FLIGHT * PIPELINED} requests in flight on {IN_FLIGHT} connections, "
           f"{HALF_SENT} half sent, {IDLE} idle; {answering} connections still answering at the close")  # fmt: skip
     assert sorted(problems) == [], "\n".join(sorted(problems))
