@@ -151,7 +151,9 @@ def _refused(port: int) -> bool:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("drain", [0.0, 1.5])
+# The window must outlast what the test does inside it (a readiness poll, 8 probes and a /rec beside 1,024 pipelined
+# answers) on a starved machine: it only bounds how long that may take.
+@pytest.mark.parametrize("drain", [0.0, 4.0])
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_stop_signal_answers_everything_received(
     keys: Path, tmp_path: Path, workers: int, drain: float, stop: signal.Signals
