@@ -388,5 +388,8 @@ def test_raw_socket_fuzz(tmp_path: Path) -> None:
     assert tally["cases"] > 0 and tally["answered"] > 0, f"seed {seed}"
     if only is None:
         assert set(after) == set(before) and len(before) == 2, f"seed {seed}: a worker died"
-        for pid, size in before.items():
-            assert after[pid] - size < 4096, f"seed {seed}: worker {pid} grew from {size} to {after[pid]} KiB"
+        # Memory settles during the first minute (allocator pools, caches: +6 MiB within 10 s was seen), so growth
+        # says something only about a run whose warm-up is that minute: `make fuzz`, not make test's short smoke.
+        if warm_up >= 60.0:
+            for pid, size in before.items():
+                assert after[pid] - size < 4096, f"seed {seed}: worker {pid} grew from {size} to {after[pid]} KiB"
