@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from .support import Server, free_port, stop_process_group
+from .support import Server, free_port, stop_process_group, wait_for_workers
 
 #: What a server says when another process took its port between our choice and its bind.
 _COLLISION = ("address already in use", "[errno 98]")
@@ -57,6 +57,7 @@ def launched(
                     raise PortTaken(text)
                 continue  # somebody else's port by now: choose again
             raise RuntimeError(f"server exited with {process.returncode}: {text}")
+        wait_for_workers(command(port_now), process, log, deadline)
         try:
             yield Server(f"http://{host}:{port_now}", port_now, process, log)
         finally:

@@ -124,7 +124,26 @@ def _start(command: Sequence[str], port: int, log: Path, env: dict[str, str] | N
             stop_process_group(process)
             raise TimeoutError(f"nothing listening on port {port}: {log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.02)
+    wait_for_workers(command, process, log, deadline)
     return Server(f"http://127.0.0.1:{port}", port, process, log)
+
+
+#: uvicorn's line once a worker process has built its application, which loads the key directory first.
+_WORKER_STARTED = "Started server process ["
+
+
+def wait_for_workers(command: Sequence[str], process: subprocess.Popen[bytes], log: Path, deadline: float) -> None:
+    """For our `serve`: until every worker has loaded its keys. The listener takes connections before that (the
+    supervisor binds it before starting workers), so a test that changes the key directory just after start would
+    race a worker's first load. Returns early if the server exits; bounds a hang only."""
+    if "serve" not in command or "--workers" not in command:
+        return
+    workers = int(command[list(command).index("--workers") + 1])
+    while log.read_text(errors="replace").count(_WORKER_STARTED) < workers and process.poll() is None:
+        if time.monotonic() > deadline:
+            stop_process_group(process)
+            raise TimeoutError(f"{workers} workers never all started: {log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.02)
 
 
 def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 15) -> None:
