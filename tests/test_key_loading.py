@@ -160,9 +160,11 @@ def test_an_unreadable_key_file_keeps_the_last_set_serving(keys: Path, tmp_path:
         before = _advertised_kids(server.port)
         assert len(before) == 2
         for path in written:
-            target = keys / path.name
-            target.write_bytes(path.read_bytes())
-            os.chmod(target, 0o000)
+            # Created unreadable (mode 0 from the start): written first and then chmod-ed, it would be readable
+            # for a moment, and the watcher could load it then (seen beside busy loops).
+            descriptor = os.open(keys / path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o000)
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(path.read_bytes())
         assert _advertised_kids(server.port) == before
         rec = request(server.port, "POST", f"/rec/{thumbprint(exchange)}", json.dumps(client_key()).encode())
         assert rec.status == 200
