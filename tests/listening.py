@@ -41,8 +41,9 @@ def launched(
     With `port` given, only on that one (PortTaken on a collision)."""
     for _ in range(5):
         port_now = free_port() if port is None else port
+        argv = command(port_now)
         with log.open("wb") as out:
-            process = subprocess.Popen(command(port_now), stdout=out, stderr=subprocess.STDOUT, env=env,
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + timeout
         while process.poll() is None and not connectable(host, port_now):
@@ -57,7 +58,7 @@ def launched(
                     raise PortTaken(text)
                 continue  # somebody else's port by now: choose again
             raise RuntimeError(f"server exited with {process.returncode}: {text}")
-        wait_for_workers(command(port_now), process, log, deadline)
+        wait_for_workers(argv, process, log, deadline)
         try:
             yield Server(f"http://{host}:{port_now}", port_now, process, log)
         finally:

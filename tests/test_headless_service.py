@@ -62,13 +62,6 @@ def resolver(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", headless)
 
 
-def eventually_serving(url: str, expected: str) -> None:
-    deadline = time.monotonic() + 30
-    while (replica := fleet.observe(url)).digests != {expected}:
-        assert time.monotonic() < deadline, fleet.report([replica], expected=expected)  # bounds a hang
-        time.sleep(0.05)
-
-
 @pytest.mark.usefixtures("resolver")
 def test_one_name_is_one_replica_per_address(keys: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
@@ -88,8 +81,9 @@ def test_one_name_is_one_replica_per_address(keys: Path, tmp_path: Path) -> None
 
         keyfiles.rotate(copy)  # the second replica moves ahead: the name's view must show the divergence
         # /metrics shows what each worker's watcher last loaded: wait until the second replica's workers show the
-        # rotation (a bounded wait, not a timing check), so that the name's view is asked after that reload.
-        eventually_serving(f"http://{ADDRESSES[1]}:{one.port}", digest(copy))
+        # rotation (the timeout bounds a hang), so that the name's view is asked after that reload.
+        second = f"http://{ADDRESSES[1]}:{one.port}"
+        assert fleet.wait([second], digest(copy), timeout=30, interval=0.05, say=lambda line: None)
         assert not fleet.wait([target], digest(keys), timeout=1, interval=0.2, say=lambda line: None)
         assert fleet.wait([target], digest(copy), timeout=1, interval=0.2, say=lambda line: None) is False
         shutil.rmtree(keys)
