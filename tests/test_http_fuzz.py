@@ -6,7 +6,8 @@ pipelined, then half-closed, left open or cut off with a reset. The oracle:
 
 - everything the server sends is a sequence of well-formed HTTP/1.1 responses, each with an expected status
   (never 500: an exception in the server) and nothing after a `connection: close`;
-- the server closes every connection within the request deadline plus the keep-alive time;
+- the server closes every connection within the request deadline plus the keep-alive time (or the lingering
+  close after a refusal);
 - the workers live through it (same processes), their memory does not grow, and the log shows no traceback;
 - afterwards /adv and /rec still answer correctly.
 
@@ -37,6 +38,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tang_server.http.protocol import LINGER_SECONDS
 from tang_server.keys import b64
 
 from .support import client_key, our_server, request, thumbprint, worker_rss
@@ -47,9 +49,9 @@ CORPUS = Path(__file__).resolve().parent / "fuzz-corpus"
 FUZZ_SECONDS = float(os.environ.get("TANG_FUZZ_SECONDS", "10"))
 REQUEST_TIMEOUT = 1.0
 KEEP_ALIVE = 1.0
-# The server must have closed every connection by then: a request deadline, a keep-alive period and slack for a
-# loaded machine.
-CONNECTION_DEADLINE = REQUEST_TIMEOUT + KEEP_ALIVE + 6.0
+# The server must have closed every connection by then: a request deadline, a keep-alive period or the lingering
+# close after a refusal, and slack for a loaded machine.
+CONNECTION_DEADLINE = REQUEST_TIMEOUT + max(KEEP_ALIVE, LINGER_SECONDS) + 6.0
 CONCURRENCY = 16
 MAX_CASE_BYTES = 200_000
 ALLOWED_STATUSES = frozenset({100, 200, 400, 403, 404, 405, 408, 411, 413, 414, 415, 431, 501, 505})

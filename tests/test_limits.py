@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from .listening import launched
 from .support import Response, Server, client_key, load_keys, parse_response, serve_command, thumbprint
 
@@ -141,3 +143,83 @@ def test_oversized_body_is_read_up_to_1_mib_so_the_client_sees_413(keys: Path, t
         # Far beyond 1 MiB the server stops reading and closes: the client cannot push 64 MiB into it.
         assert not sent_all
         assert ask(server.port, ADV).status == 200
+
+
+# Each refused as it arrives: a target past the limit, headers past theirs, bytes that are not HTTP, a request
+# that does not finish within the deadline.
+REFUSALS = {
+    "408": b"GET /adv HTTP/1.1\r\nHost: x\r\n",
+    "414": b"GET /" + b"a" * 8192,
+    "431": b"GET /adv HTTP/1.1\r\nX: " + b"a" * 40000,
+    "400": b"hello\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("refusal", sorted(REFUSALS))
+def test_a_refusal_is_not_lost_to_the_rest_of_the_request(keys: Path, tmp_path: Path, refusal: str) -> None:
+    """Closing a socket with request bytes unread makes the kernel reset the connection, and a reset can destroy
+    the refusal before the client reads it. Here the rest of the request arrives after the refusal: the server
+    must read and drop it, and close only when the client has finished (an orderly end, not a reset)."""
+    deadline = ("--request-timeout", "1")
+    with (
+        serving(keys, tmp_path / "log", *deadline) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as conn,
+    ):
+        conn.settimeout(30)
+        conn.sendall(REFUSALS[refusal])
+        assert read_response(conn).status == int(refusal)
+        conn.sendall(b"a" * (256 << 10) + b"\r\n\r\n")  # the rest of what the client had to say
+        conn.shutdown(socket.SHUT_WR)
+        assert conn.recv(65536) == b""  # the server's end of the connection, after the client's
+        assert ask(server.port, ADV).status == 200
+
+
+def _trickle(conn: socket.socket) -> None:
+    """Sends a byte every 50 ms until the server's end is gone (a reset), for at most 60 s (a hang's bound)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        conn.send(b"a")
+        time.sleep(0.05)
+
+
+def _flood(conn: socket.socket) -> None:
+    """Sends up to 64 MiB."""
+    for _ in range(1024):
+        conn.sendall(b"a" * 65536)
+
+
+def test_a_refused_connection_is_closed_even_if_the_client_never_finishes(keys: Path, tmp_path: Path) -> None:
+    """The read after a refusal is bounded: a client that trickles bytes and never finishes has its connection
+    closed after a while, and one that floods after 1 MiB (the bound of an oversized body's discard). A closed
+    end shows as a reset for what the client sends next."""
+    with serving(keys, tmp_path / "log") as server:
+        for send in (_trickle, _flood):
+            with socket.create_connection(("127.0.0.1", server.port)) as conn:
+                conn.settimeout(60)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+                conn.sendall(REFUSALS["414"])
+                assert read_response(conn).status == 414
+                with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                    send(conn)
+        assert ask(server.port, ADV).status == 200
+
+
+def test_a_refusal_behind_an_unanswered_general_path_request_closes_without_an_answer(
+    keys: Path, tmp_path: Path
+) -> None:
+    """The exception to the lingering close: an earlier pipelined request on the general path (here /metrics) is
+    still being answered when the next one is refused. Its answer would have to come first and nothing can follow
+    the end of our side, so the connection closes with no answer at all, not a 400 the client would take for its
+    first request's; nothing raises in the server, which serves on."""
+    with serving(keys, tmp_path / "log") as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as conn:
+            conn.settimeout(60)  # bounds a hang only
+            conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nhello\r\n\r\n")
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := conn.recv(65536):
+                    received += chunk
+        assert received == b""
+        assert ask(server.port, ADV).status == 200
+        log = server.log_text()
+        assert "Traceback" not in log and "Invalid HTTP request received" in log

@@ -11,6 +11,12 @@
   headers: here a whole request must arrive within `request_timeout` seconds (else 408 and close; an idle
   kept-alive connection is closed silently), its target must stay under `max_target_bytes` (414, decided as
   the target arrives instead of after buffering it) and its headers under `max_header_bytes` (431).
+- A refused request (400, 408, 414, 431) ends in a lingering close, as in nginx and Apache: the refusal goes
+  out with the end of our side of the connection, then what the client still sends is read and dropped until it
+  finishes (or for `LINGER_SECONDS`, or `DISCARD_LIMIT` bytes). Closing at once with request bytes unread would
+  make the kernel reset the connection, which can destroy the refusal before the client reads it. The exception:
+  behind an earlier pipelined request still being answered on the general path (whose answer would have to come
+  first, and cannot follow our end of the connection), the connection is closed at once, without an answer.
 - `/rec` and `/adv` requests are answered on the direct path (`direct.py`) when nothing needs the ASGI cycle.
 - Stopping drops nothing received (`server.DrainingServer`). While the process drains, a direct answer that is the
   last thing its connection has received carries `Connection: close`, so kept-alive clients reconnect (through
@@ -32,14 +38,19 @@ from http import HTTPStatus
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from tang_server.http.app import ARRIVAL_EXTENSION, RAW_TARGET_EXTENSION, Request
+from tang_server.http.app import ARRIVAL_EXTENSION, DISCARD_LIMIT, RAW_TARGET_EXTENSION, Request
 from tang_server.http.direct import DirectAnswers, DirectRequest, answer_bytes, framed_by_length
 from tang_server.http.responses import Answer
 from tang_server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+#: How long a refused connection is read and drained at most before it is closed (a client that neither stops
+#: sending nor closes).
+LINGER_SECONDS = 5.0
+
 _STATUS_LINES = {
+    400: b"400 Bad Request",
     408: b"408 Request Timeout",
     414: b"414 URI Too Long",
     431: b"431 Request Header Fields Too Large",
@@ -61,6 +72,8 @@ class TangHttpProtocol(HttpToolsProtocol):
     _direct: DirectRequest | None = None  # a direct-path request whose body is arriving
     _pending: DirectRequest | None = None  # a complete direct-path request waiting for its answer
     _closing = False  # the listener has closed: close once everything received is answered
+    _lingering = False  # refused: what arrives is dropped until the client finishes (`_refuse`)
+    _drained = 0  # bytes dropped while lingering
 
     @classmethod
     def configure(cls, request_timeout: float, max_target_bytes: int, max_header_bytes: int) -> None:
@@ -73,10 +86,15 @@ class TangHttpProtocol(HttpToolsProtocol):
         self._start_deadline()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            self._drained += len(data)
+            if self._drained > DISCARD_LIMIT:
+                self.transport.close()
+            return
         if not self._headers_done:
             self._received += len(data)
         super().data_received(data)
-        incomplete = not self._headers_done and not self.transport.is_closing()
+        incomplete = not self._headers_done and not self._finished()
         if incomplete and self._received > self.max_header_bytes + self.max_target_bytes:
             self._refuse(431)  # headers still not complete: do not buffer more
 
@@ -94,19 +112,19 @@ class TangHttpProtocol(HttpToolsProtocol):
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
-        if len(self.url) >= self.max_target_bytes and not self.transport.is_closing():
+        if len(self.url) >= self.max_target_bytes and not self._finished():
             self._refuse(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         super().on_header(name, value)
         self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.max_header_bytes and not self.transport.is_closing():
+        if self._header_bytes > self.max_header_bytes and not self._finished():
             self._refuse(431)
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
         self._received = 0
-        if self.transport.is_closing():
+        if self._finished():
             return  # refused while the headers arrived: no application call
         # time.monotonic, not loop.time: uvloop caches the loop's clock for a whole iteration, in which many
         # requests may be parsed and answered one after the other.
@@ -121,7 +139,7 @@ class TangHttpProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         if self._direct is not None:
             self._direct.body += body  # bounded: the declared length is under the limit
-        elif not self.transport.is_closing():  # a refused request has no cycle to feed
+        elif not self._finished():  # a refused request has no cycle to feed
             super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -134,7 +152,7 @@ class TangHttpProtocol(HttpToolsProtocol):
         if self._direct is not None:
             self._pending, self._direct = self._direct, None
             self.loop.call_soon(self._answer_pending)
-        elif not self.transport.is_closing():
+        elif not self._finished():
             super().on_message_complete()
             if self.cycle is not None and self.cycle.response_complete:
                 # Answered before its body had arrived (a 404 reads no body). That late body cancelled uvicorn's
@@ -143,23 +161,23 @@ class TangHttpProtocol(HttpToolsProtocol):
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio allows True: keep our side open
         self.client_done = True
-        return not self._idle()
+        return not self._lingering and not self._idle()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if (self.client_done and self._idle()) or (self._closing and self._nothing_more()):
             self.transport.close()
-        elif not self.transport.is_closing():
+        elif not self._finished():
             self._start_deadline()  # the next request on this connection has the same deadline
 
     def answering(self) -> bool:
         """True while a request received on this connection has not been answered."""
-        return not self.transport.is_closing() and not self._nothing_more()
+        return not self._finished() and not self._nothing_more()
 
     def shutdown(self) -> None:
         """Called by uvicorn once the listener has closed: answer what was received, then close."""
         self._closing = True
-        if self.transport.is_closing():
+        if self._finished():
             return
         if self._nothing_more():
             self.transport.close()  # idle: nothing to answer
@@ -180,12 +198,19 @@ class TangHttpProtocol(HttpToolsProtocol):
         super().resume_writing()
         self.flow.resume_reading()  # paused by a direct answer that filled the write buffer
 
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(400)  # uvicorn's closes at once; its warning has been logged
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._direct = self._pending = None
         if self._request_timer is not None:
             self._request_timer.cancel()
             self._request_timer = None
         super().connection_lost(exc)
+
+    def _finished(self) -> bool:
+        """True once this connection answers nothing more: closed, or lingering after a refusal."""
+        return self._lingering or self.transport.is_closing()
 
     def _nothing_more(self) -> bool:
         """True when every request this connection has received is answered: none being parsed, answered or
@@ -244,7 +269,7 @@ class TangHttpProtocol(HttpToolsProtocol):
                 direct.refresh.add_done_callback(lambda _: self._answer_pending())
                 return
         self._pending = None
-        if self.transport.is_closing():
+        if self._finished():
             return  # the client is gone: spare the multiplication
         began = time.perf_counter()
         request = direct.request
@@ -272,7 +297,7 @@ class TangHttpProtocol(HttpToolsProtocol):
 
     def _request_overdue(self) -> None:
         self._request_timer = None
-        if self.transport.is_closing():
+        if self._finished():
             return
         answering = self._pending is not None or (self.cycle is not None and not self.cycle.response_complete)
         answered = (
@@ -287,10 +312,34 @@ class TangHttpProtocol(HttpToolsProtocol):
             self._refuse(408)
 
     def _refuse(self, status: int) -> None:
+        """Answers `status` and ends the connection with a lingering close (see the module's docstring)."""
+        if self._pending is not None:
+            self._answer_pending(blocking=True)  # answers leave in request order
+        if self._finished():
+            return  # that answer closed the connection
+        cycle = self.cycle
+        if self._headers_done and self._direct is None and cycle is not None and not self.pipeline:
+            # The refused request's own cycle, its body still arriving: it answers nothing (not even 100 Continue).
+            cycle.disconnected = True
+            cycle.waiting_for_100_continue = False
+            cycle.message_event.set()
+        elif self.pipeline or (cycle is not None and not cycle.response_complete):
+            # An earlier pipelined request is still being answered on the general path: its answer would have to
+            # come first, and nothing can follow our end of the connection. Close without an answer; the client
+            # sends again.
+            self.transport.close()
+            return
         self.transport.write(
             b"HTTP/1.1 " + _STATUS_LINES[status] + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
         )
-        self.transport.close()
+        self._lingering = True
+        self._direct = None
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+        self._unset_keepalive_if_required()
+        self.transport.write_eof()
+        self.flow.resume_reading()
+        self._request_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
 
 @functools.cache
