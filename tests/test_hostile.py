@@ -137,7 +137,8 @@ def cases(kid: str, client: dict[str, Any] | None = None) -> list[tuple[str, byt
     ]
 
 
-def outcome(port: int, data: bytes) -> int:
+def outcome(port: int, data: bytes) -> tuple[int, bytes]:
+    """The status and body of the answer to `data`, or (0, b"") when the connection closed without one."""
     with socket.create_connection(("127.0.0.1", port), timeout=HEADER_TIMEOUT + 8) as conn:
         if data:
             # The server may have answered and closed already (a too-large request).
@@ -149,8 +150,10 @@ def outcome(port: int, data: bytes) -> int:
                 chunks.append(chunk)
                 if _complete(b"".join(chunks)):
                     break
-    response = b"".join(chunks)
-    return parse_response(response).status if response else 0
+    if not chunks:
+        return 0, b""
+    response = parse_response(b"".join(chunks))
+    return response.status, response.body
 
 
 def _complete(data: bytes) -> bool:
@@ -184,9 +187,11 @@ def test_hostile_table(hostile_server: tuple[Server, str]) -> None:
 
     def run_all() -> None:
         for name, data, expected in table:
-            got = outcome(server.port, data)
+            got, body = outcome(server.port, data)
             if got not in expected:
                 failures.append(f"{name}: got {got or 'closed'}, expected {sorted(expected)}")
+            elif got >= 400 and body:
+                failures.append(f"{name}: {got} with a body, {body[:80]!r}")  # refusals say nothing more
 
     run_all()  # warms every path up
     before = worker_rss(server.process.pid)
