@@ -188,7 +188,30 @@ def _flood(conn: socket.socket) -> None:
         conn.sendall(b"a" * 65536)
 
 
-def test_a_refused_connection_is_closed_even_if_the_client_never_finishes(keys: Path, tmp_path: Path) -> None:
+def test_a_request_answered_early_then_malformed_gets_no_second_answer(keys: Path, tmp_path: Path) -> None:
+    """A 404 needs no body and goes out before it arrives; when the body then breaks the framing, the connection
+    ends without a 400 after the 404 (the client would take it for its next request's answer)."""
+    with serving(keys, tmp_path / "log") as server, socket.create_connection(("127.0.0.1", server.port)) as conn:
+        conn.settimeout(30)
+        conn.sendall(b"POST /nothing HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        assert read_response(conn).status == 404
+        conn.sendall(b"zz\r\n")  # not a chunk size
+        conn.shutdown(socket.SHUT_WR)
+        assert conn.recv(65536) == b""
+
+
+# A target past the limit, alone or as a whole request followed by the start of the next one in the same read
+# (the parser goes on after the refusal: what it finds must not put the bound off).
+TOO_LONG = {
+    "unfinished": REFUSALS["414"],
+    "whole, then more": REFUSALS["414"] + b" HTTP/1.1\r\nHost: x\r\n\r\nGET /adv HTTP/1.1\r\n",
+}
+
+
+@pytest.mark.parametrize("request_sent", sorted(TOO_LONG))
+def test_a_refused_connection_is_closed_even_if_the_client_never_finishes(
+    keys: Path, tmp_path: Path, request_sent: str
+) -> None:
     """The read after a refusal is bounded: a client that trickles bytes and never finishes has its connection
     closed after a while, and one that floods after 1 MiB (the bound of an oversized body's discard). A closed
     end shows as a reset for what the client sends next."""
@@ -197,7 +220,7 @@ def test_a_refused_connection_is_closed_even_if_the_client_never_finishes(keys: 
             with socket.create_connection(("127.0.0.1", server.port)) as conn:
                 conn.settimeout(60)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-                conn.sendall(REFUSALS["414"])
+                conn.sendall(TOO_LONG[request_sent])
                 assert read_response(conn).status == 414
                 with pytest.raises((BrokenPipeError, ConnectionResetError)):
                     send(conn)

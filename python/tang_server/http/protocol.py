@@ -16,7 +16,9 @@
   finishes (or for `LINGER_SECONDS`, or `DISCARD_LIMIT` bytes). Closing at once with request bytes unread would
   make the kernel reset the connection, which can destroy the refusal before the client reads it. The exception:
   behind an earlier pipelined request still being answered on the general path (whose answer would have to come
-  first, and cannot follow our end of the connection), the connection is closed at once, without an answer.
+  first, and cannot follow our end of the connection), the connection is closed at once, without an answer. A
+  request answered before its body arrived (a 404 reads none) whose body then breaks the framing gets no second
+  answer: only the lingering close.
 - `/rec` and `/adv` requests are answered on the direct path (`direct.py`) when nothing needs the ASGI cycle.
 - Stopping drops nothing received (`server.DrainingServer`). While the process drains, a direct answer that is the
   last thing its connection has received carries `Connection: close`, so kept-alive clients reconnect (through
@@ -69,6 +71,7 @@ class TangHttpProtocol(HttpToolsProtocol):
     _received = 0  # bytes of the request being received, until its headers are complete
     _header_bytes = 0
     _request_timer: asyncio.TimerHandle | None = None
+    _linger_timer: asyncio.TimerHandle | None = None
     _direct: DirectRequest | None = None  # a direct-path request whose body is arriving
     _pending: DirectRequest | None = None  # a complete direct-path request waiting for its answer
     _closing = False  # the listener has closed: close once everything received is answered
@@ -99,6 +102,8 @@ class TangHttpProtocol(HttpToolsProtocol):
             self._refuse(431)  # headers still not complete: do not buffer more
 
     def on_message_begin(self) -> None:
+        if self._lingering:
+            return  # the rest of a refused connection's last read: dropped like what follows
         # A next request has begun: answering the previous one below must not find the connection finished and
         # close it (the bytes of this request are already read from the socket, so the kernel shows none).
         self._message_done = False
@@ -143,6 +148,8 @@ class TangHttpProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._lingering:
+            return  # a refused request's end, in the read that refused it: nothing to answer, no deadline
         self._message_done = True
         self._headers_done = False  # what follows is the next request's
         self._received = 0
@@ -203,9 +210,10 @@ class TangHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._direct = self._pending = None
-        if self._request_timer is not None:
-            self._request_timer.cancel()
-            self._request_timer = None
+        for timer in (self._request_timer, self._linger_timer):
+            if timer is not None:
+                timer.cancel()
+        self._request_timer = self._linger_timer = None
         super().connection_lost(exc)
 
     def _finished(self) -> bool:
@@ -318,9 +326,14 @@ class TangHttpProtocol(HttpToolsProtocol):
         if self._finished():
             return  # that answer closed the connection
         cycle = self.cycle
+        answered = False
         if self._headers_done and self._direct is None and cycle is not None and not self.pipeline:
-            # The refused request's own cycle, its body still arriving: it answers nothing (not even 100 Continue).
-            cycle.disconnected = True
+            # The refused request's own cycle, its body still arriving.
+            if cycle.response_started and not cycle.response_complete:
+                self.transport.close()  # its answer is on its way: a refusal cannot go in the middle of it
+                return
+            answered = cycle.response_started  # answered before its body arrived: no second answer
+            cycle.disconnected = True  # it writes nothing more (not even 100 Continue)
             cycle.waiting_for_100_continue = False
             cycle.message_event.set()
         elif self.pipeline or (cycle is not None and not cycle.response_complete):
@@ -329,17 +342,22 @@ class TangHttpProtocol(HttpToolsProtocol):
             # sends again.
             self.transport.close()
             return
-        self.transport.write(
-            b"HTTP/1.1 " + _STATUS_LINES[status] + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-        )
+        if not answered:
+            self.transport.write(
+                b"HTTP/1.1 " + _STATUS_LINES[status] + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
         self._lingering = True
         self._direct = None
         if self._request_timer is not None:
             self._request_timer.cancel()
+            self._request_timer = None
         self._unset_keepalive_if_required()
         self.transport.write_eof()
+        if self.client_done:
+            self.transport.close()  # the client has finished already: nothing left to drain
+            return
         self.flow.resume_reading()
-        self._request_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        self._linger_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
 
 @functools.cache

@@ -117,7 +117,8 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
 
 def closing_seconds(settings: Settings) -> int:
     """How long the listener may stay closed before what is left is cut: a request whose first bytes arrived just
-    before has its whole deadline to arrive, then its answer takes milliseconds."""
+    before has its whole deadline to arrive, then its answer takes milliseconds. (A 408 at that deadline has gone
+    out when its lingering close is cut.)"""
     return math.ceil(settings.request_timeout) + 2
 
 
