@@ -18,7 +18,8 @@
   behind an earlier pipelined request still being answered on the general path (whose answer would have to come
   first, and cannot follow our end of the connection), the connection is closed at once, without an answer. A
   request answered before its body arrived (a 404 reads none) whose body then breaks the framing gets no second
-  answer: only the lingering close.
+  answer: only the lingering close. An answer that ends the connection (`Connection: close`) before its
+  request's body has arrived ends it with a lingering close too (`_CycleTransport`).
 - `/rec` and `/adv` requests are answered on the direct path (`direct.py`) when nothing needs the ASGI cycle.
 - Stopping drops nothing received (`server.DrainingServer`). While the process drains, a direct answer that is the
   last thing its connection has received carries `Connection: close`, so kept-alive clients reconnect (through
@@ -140,6 +141,7 @@ class TangHttpProtocol(HttpToolsProtocol):
         extensions: dict[str, object] = {RAW_TARGET_EXTENSION: self.url, ARRIVAL_EXTENSION: arrival}
         self.scope["extensions"] = extensions  # type: ignore[typeddict-item]
         super().on_headers_complete()
+        self.cycle.transport = _CycleTransport(self)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         if self._direct is not None:
@@ -171,6 +173,8 @@ class TangHttpProtocol(HttpToolsProtocol):
         return not self._lingering and not self._idle()
 
     def on_response_complete(self) -> None:
+        if self._lingering:
+            return  # the answer ended the connection: no pipelined request may start after our end of it
         super().on_response_complete()
         if (self.client_done and self._idle()) or (self._closing and self._nothing_more()):
             self.transport.close()
@@ -346,6 +350,21 @@ class TangHttpProtocol(HttpToolsProtocol):
             self.transport.write(
                 b"HTTP/1.1 " + _STATUS_LINES[status] + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
             )
+        self._linger()
+
+    def _close_answered(self) -> None:
+        """Closes the connection after a general-path answer that ends it (`Connection: close`, an error): at once
+        when its request was read to its end and nothing more waits in the socket, else with a lingering close (a
+        404 or 405 is answered before its body arrives)."""
+        if self._finished():
+            return
+        if self._message_done and _unread(self.transport) == 0:
+            self.transport.close()
+        else:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Ends our side of the connection and drops what the client still sends (see the module's docstring)."""
         self._lingering = True
         self._direct = None
         if self._request_timer is not None:
@@ -358,6 +377,26 @@ class TangHttpProtocol(HttpToolsProtocol):
             return
         self.flow.resume_reading()
         self._linger_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+
+class _CycleTransport:
+    """The transport as uvicorn's response cycle sees it. The cycle closes the connection itself after an answer
+    that ends it, even when the request's body has not arrived (a 404 reads none), and a close with request bytes
+    unread is a reset that can destroy the answer: closing goes through the protocol, which lingers then."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: TangHttpProtocol) -> None:
+        self._protocol = protocol
+
+    def write(self, data: bytes) -> None:
+        self._protocol.transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._protocol._finished()
+
+    def close(self) -> None:
+        self._protocol._close_answered()
 
 
 @functools.cache
