@@ -239,7 +239,7 @@ class TangApplication:
         began = time.perf_counter()
         status, answer = recover(keyset, thp, request.body)
         if self.metrics is not None:
-            self.metrics.exchange.observe(time.perf_counter() - began)
+            self.metrics.exchanged(time.perf_counter() - began)
         if status == HTTPStatus.OK:
             key = keyset.find(thp)
             assert key is not None

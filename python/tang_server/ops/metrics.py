@@ -5,7 +5,8 @@ multiprocess mode); `/metrics`, answered by whichever worker the connection reac
 creates and empties that directory before the workers start, and the files of workers that died are marked dead
 before each scrape, so live gauges never report a worker that no longer exists. Distinct clients per key cannot
 be a per-worker gauge (estimates do not add up): each worker writes its HyperLogLog sketches to a file of its own
-in the same directory and the scrape merges them (`distinct.py`, `ClientsCollector`).
+in the same directory and the scrape merges them (`distinct.py`, `ClientsCollector`). Request counts and durations,
+updated on every request, are held by the worker and written in batches (`held.py`).
 
 Import this module only after `PROMETHEUS_MULTIPROC_DIR` is set: prometheus-client decides at import time
 whether values live in files.
@@ -27,7 +28,7 @@ from prometheus_client.exposition import choose_encoder
 from tang_server import __version__
 from tang_server._native import ENGINE
 from tang_server.http.responses import Answer
-from tang_server.ops import distinct
+from tang_server.ops import distinct, held
 from tang_server.settings import MULTIPROCESS_ENVIRONMENT
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ _PID_FILE = re.compile(r".*_(\d+)\.db$")
 class Metrics:
     def __init__(self) -> None:
         self.directory = os.environ.get(MULTIPROCESS_ENVIRONMENT)
-        # Label lookups cost as much as the update itself; the label sets are few (routes x methods x statuses).
+        # Label lookups cost as much as an update; the label sets are few (routes x methods x statuses).
         self._answered: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         own = CollectorRegistry()
         self.requests = Counter(
@@ -142,6 +143,7 @@ class Metrics:
             "Well-formed recoveries (404) for a key id that matches no key: machines that cannot unlock.",
             registry=own,
         )
+        self._held = held.HeldRequests(self._series, self.exchange)
         self._digest: str | None = None
         #: Visibility by key id of the worker's current key set: the only key ids `tang_key_clients` shows.
         self._visibility: dict[str, str] = {}
@@ -158,13 +160,19 @@ class Metrics:
         self._registry = exposition
 
     def answered(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Counts one answered request and its duration."""
+        """Counts one answered request and its duration (written within `held.FLUSH_SECONDS`)."""
+        self._held.answered(route, method, status, seconds)
+
+    def exchanged(self, seconds: float) -> None:
+        """Times one `/rec` exchange (written within `held.FLUSH_SECONDS`)."""
+        self._held.exchanged(seconds)
+
+    def _series(self, route: str, method: str, status: int) -> tuple[Counter, Histogram]:
         key = (route, method, status)
         series = self._answered.get(key)
         if series is None:
             series = self._answered[key] = (self.requests.labels(route, method, status), self.duration.labels(route))
-        series[0].inc()
-        series[1].observe(seconds)
+        return series
 
     def keyset_loaded(self, keyset: KeySet) -> None:
         """Called by the key store each time it swaps a set in."""
@@ -244,6 +252,7 @@ class Metrics:
 
     def exposition(self, headers: Iterable[tuple[bytes, bytes]]) -> Answer:
         """/metrics in the format the scraper asks for (Accept: OpenMetrics or text), gzipped if it accepts that."""
+        self._held.flush()  # this worker's requests at once; the others' within held.FLUSH_SECONDS
         if self.directory is not None:
             self._mark_dead_workers()
         request = {name: value.decode("latin-1") for name, value in headers}
