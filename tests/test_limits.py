@@ -112,6 +112,23 @@ def test_idle_kept_alive_connection_is_closed_silently(keys: Path, tmp_path: Pat
         assert conn.recv(65536) == b""  # closed, and without a word (no 408)
 
 
+def test_the_deadline_of_a_later_request_on_a_connection_is_kept(keys: Path, tmp_path: Path) -> None:
+    """A connection has one deadline timer, armed when it opens; an answer moves the deadline without re-arming
+    it, and the timer, finding the deadline moved, must be armed again (`protocol._deadline_reached`). The first
+    request goes in the middle of the first deadline so that the second one's falls well after it."""
+    timeout = 6.0
+    with (
+        serving(keys, tmp_path / "log", "--request-timeout", str(timeout)) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as conn,
+    ):
+        conn.settimeout(60)
+        time.sleep(timeout / 3)  # not a timed check: the server answers the request below in any case
+        conn.sendall(ADV)
+        assert read_response(conn).status == 200
+        conn.sendall(b"GET /adv HTTP/1.1\r\n")  # and never the rest
+        assert read_response(conn).status == 408  # the socket's timeout only bounds a hang
+
+
 def _post_body(port: int, size: int) -> tuple[bytes, bool]:
     """POST a body of `size` bytes to /rec; returns what came back and whether the whole body could be sent."""
     head = f"POST /rec/abc HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()

@@ -71,7 +71,8 @@ class TangHttpProtocol(HttpToolsProtocol):
     _message_done = True
     _received = 0  # bytes of the request being received, until its headers are complete
     _header_bytes = 0
-    _request_timer: asyncio.TimerHandle | None = None
+    _deadline: float | None = None  # loop time by which the request being received must be complete
+    _deadline_timer: asyncio.TimerHandle | None = None  # fires at or before `_deadline` (`_start_deadline`)
     _linger_timer: asyncio.TimerHandle | None = None
     _direct: DirectRequest | None = None  # a direct-path request whose body is arriving
     _pending: DirectRequest | None = None  # a complete direct-path request waiting for its answer
@@ -113,7 +114,7 @@ class TangHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._headers_done = False
         self._header_bytes = 0
-        if self._request_timer is None:
+        if self._deadline is None:
             self._start_deadline()
 
     def on_url(self, url: bytes) -> None:
@@ -155,9 +156,7 @@ class TangHttpProtocol(HttpToolsProtocol):
         self._message_done = True
         self._headers_done = False  # what follows is the next request's
         self._received = 0
-        if self._request_timer is not None:
-            self._request_timer.cancel()
-            self._request_timer = None
+        self._deadline = None
         if self._direct is not None:
             self._pending, self._direct = self._direct, None
             self.loop.call_soon(self._answer_pending)
@@ -214,10 +213,10 @@ class TangHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._direct = self._pending = None
-        for timer in (self._request_timer, self._linger_timer):
+        for timer in (self._deadline_timer, self._linger_timer):
             if timer is not None:
                 timer.cancel()
-        self._request_timer = self._linger_timer = None
+        self._deadline_timer = self._linger_timer = None
         super().connection_lost(exc)
 
     def _finished(self) -> bool:
@@ -303,12 +302,24 @@ class TangHttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()  # a client that does not read its answers gets no more until it does
 
     def _start_deadline(self) -> None:
-        if self._request_timer is not None:
-            self._request_timer.cancel()
-        self._request_timer = self.loop.call_later(self.request_timeout, self._request_overdue)
+        # Per request only the deadline moves. The connection's one timer, armed at an earlier deadline, finds the
+        # later one when it fires and is armed again then: at most once per request_timeout instead of a timer
+        # armed and cancelled per request (which cost more than parsing an /adv).
+        self._deadline = self.loop.time() + self.request_timeout
+        if self._deadline_timer is None:
+            self._deadline_timer = self.loop.call_at(self._deadline, self._deadline_reached)
+
+    def _deadline_reached(self) -> None:
+        self._deadline_timer = None
+        if self._deadline is None:
+            return  # the request completed in time; the next one starts the timer again
+        if self.loop.time() < self._deadline:
+            self._deadline_timer = self.loop.call_at(self._deadline, self._deadline_reached)
+            return
+        self._deadline = None
+        self._request_overdue()
 
     def _request_overdue(self) -> None:
-        self._request_timer = None
         if self._finished():
             return
         answering = self._pending is not None or (self.cycle is not None and not self.cycle.response_complete)
@@ -367,9 +378,7 @@ class TangHttpProtocol(HttpToolsProtocol):
         """Ends our side of the connection and drops what the client still sends (see the module's docstring)."""
         self._lingering = True
         self._direct = None
-        if self._request_timer is not None:
-            self._request_timer.cancel()
-            self._request_timer = None
+        self._deadline = None
         self._unset_keepalive_if_required()
         self.transport.write_eof()
         if self.client_done:
