@@ -112,6 +112,21 @@ def test_idle_kept_alive_connection_is_closed_silently(keys: Path, tmp_path: Pat
         assert conn.recv(65536) == b""  # closed, and without a word (no 408)
 
 
+def test_an_idle_connection_is_closed_by_the_keep_alive_time_not_the_request_deadline(
+    keys: Path, tmp_path: Path
+) -> None:
+    """Both close an idle connection quietly; with a request deadline far beyond the wait's bound, only the
+    keep-alive time can close it within that bound."""
+    with (
+        serving(keys, tmp_path / "log", "--keep-alive-seconds", "1", "--request-timeout", "600") as server,
+        socket.create_connection(("127.0.0.1", server.port)) as conn,
+    ):
+        conn.settimeout(60)
+        conn.sendall(ADV)
+        assert read_response(conn).status == 200
+        assert conn.recv(65536) == b""
+
+
 def test_the_deadline_of_a_later_request_on_a_connection_is_kept(keys: Path, tmp_path: Path) -> None:
     """A connection has one deadline timer, armed when it opens; an answer moves the deadline without re-arming
     it, and the timer, finding the deadline moved, must be armed again (`protocol._deadline_reached`). The first

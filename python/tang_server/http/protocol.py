@@ -72,7 +72,9 @@ class TangHttpProtocol(HttpToolsProtocol):
     _received = 0  # bytes of the request being received, until its headers are complete
     _header_bytes = 0
     _deadline: float | None = None  # loop time by which the request being received must be complete
-    _deadline_timer: asyncio.TimerHandle | None = None  # fires at or before `_deadline` (`_start_deadline`)
+    _deadline_timer: asyncio.TimerHandle | None = None  # fires at or before `_deadline` (`_set_deadline`)
+    _deadline_timer_at = 0.0
+    _answered_at: float | None = None  # idle since this answer: the next request's deadline counts from it
     _linger_timer: asyncio.TimerHandle | None = None
     _direct: DirectRequest | None = None  # a direct-path request whose body is arriving
     _pending: DirectRequest | None = None  # a complete direct-path request waiting for its answer
@@ -114,7 +116,10 @@ class TangHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._headers_done = False
         self._header_bytes = 0
-        if self._deadline is None:
+        if self._answered_at is not None:  # no longer idle: the request has its whole deadline from the answer
+            self._set_deadline(self._answered_at + self.request_timeout)
+            self._answered_at = None
+        elif self._deadline is None:
             self._start_deadline()
 
     def on_url(self, url: bytes) -> None:
@@ -174,11 +179,19 @@ class TangHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         if self._lingering:
             return  # the answer ended the connection: no pipelined request may start after our end of it
-        super().on_response_complete()
+        # uvicorn's, except its keep-alive timer (armed and cancelled per request): the deadline closes an idle
+        # connection after --keep-alive-seconds, as that timer did.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
         if (self.client_done and self._idle()) or (self._closing and self._nothing_more()):
             self.transport.close()
         elif not self._finished():
-            self._start_deadline()  # the next request on this connection has the same deadline
+            self._start_deadline(idle=self._message_done and self._idle())
 
     def answering(self) -> bool:
         """True while a request received on this connection has not been answered."""
@@ -301,22 +314,33 @@ class TangHttpProtocol(HttpToolsProtocol):
         if self.flow.write_paused:
             self.flow.pause_reading()  # a client that does not read its answers gets no more until it does
 
-    def _start_deadline(self) -> None:
-        # Per request only the deadline moves. The connection's one timer, armed at an earlier deadline, finds the
-        # later one when it fires and is armed again then: at most once per request_timeout instead of a timer
-        # armed and cancelled per request (which cost more than parsing an /adv).
-        self._deadline = self.loop.time() + self.request_timeout
-        if self._deadline_timer is None:
-            self._deadline_timer = self.loop.call_at(self._deadline, self._deadline_reached)
+    def _start_deadline(self, *, idle: bool = False) -> None:
+        """The request being received (or the next one) must be complete within request_timeout; an idle
+        connection (`idle`: everything received is answered) is closed after the keep-alive time if shorter."""
+        now = self.loop.time()
+        self._answered_at = now if idle else None
+        self._set_deadline(now + (min(self.timeout_keep_alive, self.request_timeout) if idle else self.request_timeout))
+
+    def _set_deadline(self, when: float) -> None:
+        # Per request only the deadline moves. The connection's one timer, armed at an earlier deadline, finds a
+        # later one when it fires and is armed again then: a few times per connection instead of a timer armed and
+        # cancelled per request (which cost more than parsing an /adv). Only an earlier deadline re-arms it now.
+        self._deadline = when
+        timer = self._deadline_timer
+        if timer is None or when < self._deadline_timer_at:
+            if timer is not None:
+                timer.cancel()
+            self._deadline_timer = self.loop.call_at(when, self._deadline_reached)
+            self._deadline_timer_at = when
 
     def _deadline_reached(self) -> None:
         self._deadline_timer = None
         if self._deadline is None:
-            return  # the request completed in time; the next one starts the timer again
+            return  # the request completed in time; the next one arms the timer again
         if self.loop.time() < self._deadline:
-            self._deadline_timer = self.loop.call_at(self._deadline, self._deadline_reached)
+            self._set_deadline(self._deadline)
             return
-        self._deadline = None
+        self._deadline = self._answered_at = None
         self._request_overdue()
 
     def _request_overdue(self) -> None:
@@ -378,8 +402,7 @@ class TangHttpProtocol(HttpToolsProtocol):
         """Ends our side of the connection and drops what the client still sends (see the module's docstring)."""
         self._lingering = True
         self._direct = None
-        self._deadline = None
-        self._unset_keepalive_if_required()
+        self._deadline = self._answered_at = None
         self.transport.write_eof()
         if self.client_done:
             self.transport.close()  # the client has finished already: nothing left to drain
