@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 
 import pytest
 import uvicorn
+import uvloop
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr
 from uvicorn.server import ServerState
 
 from tang_server.http.app import TangApplication
@@ -315,3 +318,50 @@ def test_server_internals_the_drain_relies_on(app: TangApplication, keys: Path) 
         assert shut == [True]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("listener", ["ipv4", "ipv6", "unix", "socketpair"])
+def test_connection_addresses_are_uvicorn_s(app: TangApplication, listener: str, tmp_path: Path) -> None:
+    """`connection_made` reads the addresses from the transport rather than from a socket object built for them;
+    they must be what uvicorn's own `get_local_addr` and `get_remote_addr` give, on real uvloop connections of
+    every kind we serve: TCP over IPv4 and IPv6, a Unix socket (--uds), a socket pair (tangd's pipe mode)."""
+    seen: dict[str, object] = {}
+
+    class Recording(TangHttpProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            seen["ours"] = (self.server, self.client)
+            seen["uvicorn"] = (get_local_addr(transport), get_remote_addr(transport))
+            transport.close()
+
+    async def main() -> None:
+        config = uvicorn.Config(app, http=Recording, lifespan="off", log_config=None, proxy_headers=False)
+        config.load()
+        state = ServerState()
+        loop = asyncio.get_running_loop()
+
+        def factory() -> Recording:
+            return Recording(config=config, server_state=state, app_state={})
+
+        server: asyncio.AbstractServer | None = None
+        if listener == "socketpair":
+            ours, theirs = socket.socketpair()
+            await loop.connect_accepted_socket(factory, ours)
+            reader, writer = await asyncio.open_connection(sock=theirs)
+        elif listener == "unix":
+            path = str(tmp_path / "tang.sock")
+            server = await loop.create_unix_server(factory, path)
+            reader, writer = await asyncio.open_unix_connection(path)
+        else:
+            host = "127.0.0.1" if listener == "ipv4" else "::1"
+            server = await loop.create_server(factory, host, 0)
+            reader, writer = await asyncio.open_connection(host, server.sockets[0].getsockname()[1])
+        async with asyncio.timeout(10):  # bounds a hang
+            assert await reader.read() == b""  # closed by the protocol once it has recorded
+        writer.close()
+        if server is not None:
+            server.close()
+
+    uvloop.run(main())
+    assert seen["ours"] == seen["uvicorn"]
+    assert seen["ours"] is not None

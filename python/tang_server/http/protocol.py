@@ -39,7 +39,9 @@ import termios
 import time
 from http import HTTPStatus
 
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.utils import is_ssl
 
 from tang_server.http.app import ARRIVAL_EXTENSION, DISCARD_LIMIT, RAW_TARGET_EXTENSION, Request
 from tang_server.http.direct import DirectAnswers, DirectRequest, answer_bytes, framed_by_length
@@ -89,7 +91,16 @@ class TangHttpProtocol(HttpToolsProtocol):
         cls.max_header_bytes = max_header_bytes
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        # uvicorn's, with the addresses read from the transport: uvicorn's `get_local_addr` and `get_remote_addr`
+        # ask for the transport's socket, which uvloop builds as a Python socket object per connection, for two
+        # addresses the transport has already (a tenth of a new connection's CPU: 72 to 65 us per /adv here).
+        self.connections.add(self)
+        self.transport = transport
+        self.flow = FlowControl(transport)
+        self.server = _address(transport.get_extra_info("sockname"))
+        peer = _address(transport.get_extra_info("peername"))
+        self.client = (peer[0], peer[1]) if peer is not None and peer[1] is not None else None  # no Unix peer
+        self.scheme = "https" if is_ssl(transport) else "http"
         self._start_deadline()
 
     def data_received(self, data: bytes) -> None:
@@ -436,6 +447,13 @@ def _direct_answers(app: object) -> DirectAnswers | None:
     """The application as the direct path's interface, when it offers it and can answer on the loop (checked
     once per application, not per request)."""
     return app if isinstance(app, DirectAnswers) and app.answers_directly else None
+
+
+def _address(info: object) -> tuple[str, int | None] | None:
+    """An address as uvicorn's scope has it: (host, port) for a network socket, (path, None) for a Unix one."""
+    if isinstance(info, (list, tuple)) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return (info, None) if isinstance(info, str) else None
 
 
 def _unread(transport: asyncio.BaseTransport) -> int:
