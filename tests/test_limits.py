@@ -128,9 +128,10 @@ def test_an_idle_connection_is_closed_by_the_keep_alive_time_not_the_request_dea
 
 
 def test_the_deadline_of_a_later_request_on_a_connection_is_kept(keys: Path, tmp_path: Path) -> None:
-    """A connection has one deadline timer, armed when it opens; an answer moves the deadline without re-arming
-    it, and the timer, finding the deadline moved, must be armed again (`protocol._deadline_reached`). The first
-    request goes in the middle of the first deadline so that the second one's falls well after it."""
+    """An answer moves the connection's deadline (checked by the worker's sweep, `protocol._Sweep`), and a later
+    request must still be cut off at its own. The first request goes in the middle of the first deadline so that
+    the second one's falls well after it (when deadlines had a timer per connection, that timer had to be armed
+    again for it)."""
     timeout = 6.0
     with (
         serving(keys, tmp_path / "log", "--request-timeout", str(timeout)) as server,

@@ -38,6 +38,7 @@ import struct
 import termios
 import time
 from http import HTTPStatus
+from typing import ClassVar
 
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 #: How long a refused connection is read and drained at most before it is closed (a client that neither stops
 #: sending nor closes).
 LINGER_SECONDS = 5.0
+#: How often a worker checks its connections' deadlines (`_Sweep`): a deadline is acted on at most this late.
+SWEEP_SECONDS = 0.25
 
 _STATUS_LINES = {
     400: b"400 Bad Request",
@@ -73,11 +76,10 @@ class TangHttpProtocol(HttpToolsProtocol):
     _message_done = True
     _received = 0  # bytes of the request being received, until its headers are complete
     _header_bytes = 0
+    _sweep: _Sweep | None = None  # checks `_deadline` and `_linger_until`
     _deadline: float | None = None  # loop time by which the request being received must be complete
-    _deadline_timer: asyncio.TimerHandle | None = None  # fires at or before `_deadline` (`_set_deadline`)
-    _deadline_timer_at = 0.0
     _answered_at: float | None = None  # idle since this answer: the next request's deadline counts from it
-    _linger_timer: asyncio.TimerHandle | None = None
+    _linger_until: float | None = None  # loop time at which a refused connection is closed, drained or not
     _direct: DirectRequest | None = None  # a direct-path request whose body is arriving
     _pending: DirectRequest | None = None  # a complete direct-path request waiting for its answer
     _closing = False  # the listener has closed: close once everything received is answered
@@ -101,6 +103,8 @@ class TangHttpProtocol(HttpToolsProtocol):
         peer = _address(transport.get_extra_info("peername"))
         self.client = (peer[0], peer[1]) if peer is not None and peer[1] is not None else None  # no Unix peer
         self.scheme = "https" if is_ssl(transport) else "http"
+        self._sweep = _Sweep.of(self.loop)
+        self._sweep.connections.add(self)
         self._start_deadline()
 
     def data_received(self, data: bytes) -> None:
@@ -128,7 +132,7 @@ class TangHttpProtocol(HttpToolsProtocol):
         self._headers_done = False
         self._header_bytes = 0
         if self._answered_at is not None:  # no longer idle: the request has its whole deadline from the answer
-            self._set_deadline(self._answered_at + self.request_timeout)
+            self._deadline = self._answered_at + self.request_timeout
             self._answered_at = None
         elif self._deadline is None:
             self._start_deadline()
@@ -237,10 +241,8 @@ class TangHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._direct = self._pending = None
-        for timer in (self._deadline_timer, self._linger_timer):
-            if timer is not None:
-                timer.cancel()
-        self._deadline_timer = self._linger_timer = None
+        if self._sweep is not None:
+            self._sweep.connections.discard(self)
         super().connection_lost(exc)
 
     def _finished(self) -> bool:
@@ -330,29 +332,15 @@ class TangHttpProtocol(HttpToolsProtocol):
         connection (`idle`: everything received is answered) is closed after the keep-alive time if shorter."""
         now = self.loop.time()
         self._answered_at = now if idle else None
-        self._set_deadline(now + (min(self.timeout_keep_alive, self.request_timeout) if idle else self.request_timeout))
+        self._deadline = now + (min(self.timeout_keep_alive, self.request_timeout) if idle else self.request_timeout)
 
-    def _set_deadline(self, when: float) -> None:
-        # Per request only the deadline moves. The connection's one timer, armed at an earlier deadline, finds a
-        # later one when it fires and is armed again then: a few times per connection instead of a timer armed and
-        # cancelled per request (which cost more than parsing an /adv). Only an earlier deadline re-arms it now.
-        self._deadline = when
-        timer = self._deadline_timer
-        if timer is None or when < self._deadline_timer_at:
-            if timer is not None:
-                timer.cancel()
-            self._deadline_timer = self.loop.call_at(when, self._deadline_reached)
-            self._deadline_timer_at = when
-
-    def _deadline_reached(self) -> None:
-        self._deadline_timer = None
-        if self._deadline is None:
-            return  # the request completed in time; the next one arms the timer again
-        if self.loop.time() < self._deadline:
-            self._set_deadline(self._deadline)
-            return
-        self._deadline = self._answered_at = None
-        self._request_overdue()
+    def _check_deadlines(self, now: float) -> None:
+        """Acts on a deadline that has passed (called by `_Sweep`)."""
+        if self._linger_until is not None and now >= self._linger_until:
+            self.transport.close()
+        elif self._deadline is not None and now >= self._deadline:
+            self._deadline = self._answered_at = None
+            self._request_overdue()
 
     def _request_overdue(self) -> None:
         if self._finished():
@@ -419,7 +407,7 @@ class TangHttpProtocol(HttpToolsProtocol):
             self.transport.close()  # the client has finished already: nothing left to drain
             return
         self.flow.resume_reading()
-        self._linger_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        self._linger_until = self.loop.time() + LINGER_SECONDS
 
 
 class _CycleTransport:
@@ -440,6 +428,37 @@ class _CycleTransport:
 
     def close(self) -> None:
         self._protocol._close_answered()
+
+
+class _Sweep:
+    """The deadlines of one event loop's connections, checked by one timer every `SWEEP_SECONDS` while any is
+    open. A timer armed and cancelled per connection, and per request, cost more than parsing an /adv request."""
+
+    _of_loop: ClassVar[dict[asyncio.AbstractEventLoop, _Sweep]] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.connections: set[TangHttpProtocol] = set()
+        loop.call_later(SWEEP_SECONDS, self._run)
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Sweep:
+        sweep = cls._of_loop.get(loop)
+        if sweep is None:
+            sweep = cls._of_loop[loop] = cls(loop)
+        return sweep
+
+    def _run(self) -> None:
+        if not self.connections:
+            del self._of_loop[self.loop]  # the next connection starts another
+            return
+        self.loop.call_later(SWEEP_SECONDS, self._run)
+        now = self.loop.time()
+        for protocol in list(self.connections):  # a check can close a connection, which leaves the set
+            try:
+                protocol._check_deadlines(now)
+            except Exception:  # a defect in one connection must not stop every other connection's deadlines
+                logger.exception("checking a connection's deadlines")
 
 
 @functools.cache
