@@ -14,12 +14,13 @@ duration, never a body or a header, so never key material: key ids in paths are 
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import json
 import os
 import select
 import time
+
+from tang_server.ops.flushtimer import FlushTimer
 
 FORMATS = ("plain", "json")
 
@@ -41,9 +42,8 @@ class AccessLog:
             raise ValueError(f"access log format must be one of {FORMATS}")
         self._fd = fd
         self._json = fmt == "json"
-        self._flush_seconds = flush_seconds
         self._entries: list[Entry] = []
-        self._flush_scheduled = False
+        self._timer = FlushTimer(flush_seconds, self.flush)
         atexit.register(self.flush)
 
     def record(self, client: str, method: str, target: bytes, version: str, status: int, seconds: float) -> None:
@@ -51,13 +51,8 @@ class AccessLog:
         entries.append((time.time(), client, method, target, version, status, seconds))
         if len(entries) >= MAX_BUFFERED:
             self.flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(self._flush_seconds, self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        self.flush()
+        else:
+            self._timer.due()
 
     def flush(self) -> None:
         entries, self._entries = self._entries, []

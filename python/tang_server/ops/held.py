@@ -13,12 +13,13 @@ a batch gives exactly what `observe()` of each value gives.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import bisect
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
+
+from tang_server.ops.flushtimer import FlushTimer
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
@@ -54,7 +55,7 @@ class HeldRequests:
         self._answered: dict[tuple[str, str, int], list[float]] = {}
         self._exchanges: list[float] = []
         self._exchanges_lock = threading.Lock()
-        self._flush_scheduled = False
+        self._timer = FlushTimer(FLUSH_SECONDS, self.flush)
         atexit.register(self.flush)
 
     def answered(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -62,17 +63,11 @@ class HeldRequests:
         if held is None:
             held = self._answered[route, method, status] = []
         held.append(seconds)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._scheduled_flush)
+        self._timer.due()
 
     def exchanged(self, seconds: float) -> None:
         with self._exchanges_lock:
             self._exchanges.append(seconds)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        self.flush()
 
     def flush(self) -> None:
         answered, self._answered = self._answered, {}
