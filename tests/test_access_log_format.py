@@ -5,6 +5,7 @@ SOCK_SEQPACKET socket, which keeps each write a message of its own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -139,6 +140,34 @@ def test_a_full_buffer_is_written_without_waiting_for_the_timer() -> None:
         assert asyncio.run(record(MAX_BUFFERED - 1)) == b""  # below the bound: buffered
         written = asyncio.run(record(MAX_BUFFERED))
         assert written.count(b"\n") == MAX_BUFFERED
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_line_is_written_by_the_timer_while_the_loop_runs() -> None:
+    """Below the buffer's bound, a line goes out when the flush timer fires, while the worker goes on serving: not
+    only when the process exits (`flushtimer.FlushTimer`). Then the timer is armed again for the next line."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+
+    async def written_while_running() -> list[bytes]:
+        log = AccessLog(write_end, flush_seconds=0.05)
+        seen = []
+        for target in (b"/adv/first", b"/adv/second"):
+            log.record("127.0.0.1", "GET", target, "1.1", 200, 0.0001)
+            data = b""
+            async with asyncio.timeout(30):  # bounds a hang; the timer fires long before
+                while not data.endswith(b"\n"):
+                    await asyncio.sleep(0.01)
+                    with contextlib.suppress(BlockingIOError):
+                        data += os.read(read_end, 1 << 16)
+            seen.append(data)
+        return seen
+
+    try:
+        first, second = asyncio.run(written_while_running())
+        assert b" /adv/first " in first and b" /adv/second " in second
     finally:
         os.close(read_end)
         os.close(write_end)
