@@ -9,6 +9,8 @@ rather than in production. Written against uvicorn 0.54.0 and httptools 0.9.0.
 from __future__ import annotations
 
 import asyncio
+import logging
+import logging.config
 import re
 import signal
 import socket
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 import uvicorn
 import uvloop
+from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr
@@ -28,7 +31,7 @@ from uvicorn.server import ServerState
 from tang_server.http.app import TangApplication
 from tang_server.http.protocol import TangHttpProtocol
 from tang_server.keys.keystore import KeyStore
-from tang_server.serving.server import DrainingServer
+from tang_server.serving.server import DrainingServer, log_config
 from tang_server.settings import Settings
 
 ADV = b"GET /adv HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -365,3 +368,20 @@ def test_connection_addresses_are_uvicorn_s(app: TangApplication, listener: str,
     uvloop.run(main())
     assert seen["ours"] == seen["uvicorn"]
     assert seen["ours"] is not None
+
+
+@pytest.mark.parametrize("level", ["debug", "info", "warning", "error"])
+def test_no_trace_line_is_formatted_per_connection(keys: Path, level: str) -> None:
+    """uvicorn's protocol formats and logs a TRACE line per connection when its logger's own `level` is at or below
+    TRACE, which an unset level (0) is, whatever the effective level: our logging configuration sets it."""
+    loggers = [logging.getLogger(name) for name in ("tang_server", "uvicorn", "uvicorn.error")]
+    saved = [(logger.level, logger.handlers[:], logger.propagate) for logger in loggers]
+    logging.config.dictConfig(log_config(Settings(keys_dir=keys, log_level=level)))
+    try:
+        assert logging.getLogger("uvicorn.error").level > TRACE_LOG_LEVEL
+        assert logging.getLogger("uvicorn.error").getEffectiveLevel() == getattr(logging, level.upper())
+    finally:  # the rest of the test session logs as before
+        for logger, (saved_level, handlers, propagate) in zip(loggers, saved, strict=True):
+            logger.setLevel(saved_level)
+            logger.handlers[:] = handlers
+            logger.propagate = propagate

@@ -68,6 +68,9 @@ def log_config(settings: Settings) -> dict[str, Any]:
         "loggers": {
             "tang_server": {"handlers": ["stderr"], "level": settings.log_level.upper(), "propagate": False},
             "uvicorn": {"handlers": ["stderr"], "level": settings.log_level.upper(), "propagate": False},
+            # The same level again, explicitly: uvicorn's protocol compares this logger's own `level` (0 when
+            # unset) with its TRACE level, and would format and log a discarded line for every connection.
+            "uvicorn.error": {"level": settings.log_level.upper()},
         },
     }
 
