@@ -8,7 +8,9 @@ never read without bound.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -297,3 +299,22 @@ def test_a_refusal_behind_an_unanswered_general_path_request_closes_without_an_a
         assert ask(server.port, ADV).status == 200
         log = server.log_text()
         assert "Traceback" not in log and "Invalid HTTP request received" in log
+
+
+def test_a_client_that_never_reads_its_answers_is_reset(keys: Path, tmp_path: Path) -> None:
+    """A client that pipelines thousands of requests and never reads the answers: the server stops reading, its
+    deadline closes the connection, and uvloop would then wait for ever to write the answers it holds (the kernel
+    too, for those in the socket). Once nothing has been written for LINGER_SECONDS the connection is reset, which
+    the client sees as an error on its socket; the server serves on."""
+    with serving(keys, tmp_path / "log", "--request-timeout", "2", "--keep-alive-seconds", "1") as server:
+        with socket.socket() as conn:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+            conn.connect(("127.0.0.1", server.port))
+            conn.settimeout(60)
+            conn.sendall(ADV * 5000)  # about 15 MB of answers, far beyond every buffer on the way
+            poller = select.poll()
+            poller.register(conn, select.POLLERR | select.POLLHUP)
+            assert poller.poll(120_000), "still open"  # a bound against a hang, not a timed check
+            assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+        assert ask(server.port, ADV).status == 200
+        assert "Traceback" not in server.log_text()

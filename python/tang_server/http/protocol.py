@@ -20,6 +20,9 @@
   request answered before its body arrived (a 404 reads none) whose body then breaks the framing gets no second
   answer: only the lingering close. An answer that ends the connection (`Connection: close`) before its
   request's body has arrived ends it with a lingering close too (`_CycleTransport`).
+- A closed connection whose answers the client does not read is reset once nothing was written for
+  `LINGER_SECONDS`: uvloop would wait for ever to write them.
+- Deadlines are checked by one sweep per event loop (`_Sweep`), not a timer per connection.
 - `/rec` and `/adv` requests are answered on the direct path (`direct.py`) when nothing needs the ASGI cycle.
 - Stopping drops nothing received (`server.DrainingServer`). While the process drains, a direct answer that is the
   last thing its connection has received carries `Connection: close`, so kept-alive clients reconnect (through
@@ -31,9 +34,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import logging
+import socket
 import struct
 import termios
 import time
@@ -80,6 +85,8 @@ class TangHttpProtocol(HttpToolsProtocol):
     _deadline: float | None = None  # loop time by which the request being received must be complete
     _answered_at: float | None = None  # idle since this answer: the next request's deadline counts from it
     _linger_until: float | None = None  # loop time at which a refused connection is closed, drained or not
+    _unread_since: float | None = None  # closed, and nothing of what is buffered was written since then
+    _unread_bytes = 0
     _direct: DirectRequest | None = None  # a direct-path request whose body is arriving
     _pending: DirectRequest | None = None  # a complete direct-path request waiting for its answer
     _closing = False  # the listener has closed: close once everything received is answered
@@ -336,11 +343,28 @@ class TangHttpProtocol(HttpToolsProtocol):
 
     def _check_deadlines(self, now: float) -> None:
         """Acts on a deadline that has passed (called by `_Sweep`)."""
-        if self._linger_until is not None and now >= self._linger_until:
+        if self.transport.is_closing():
+            self._check_unread(now)
+        elif self._linger_until is not None and now >= self._linger_until:
             self.transport.close()
         elif self._deadline is not None and now >= self._deadline:
             self._deadline = self._answered_at = None
             self._request_overdue()
+
+    def _check_unread(self, now: float) -> None:
+        """A closed connection stays open until uvloop has written what is buffered for it: for ever, if the client
+        never reads its answers (pipelined requests, say). It is reset once nothing was written for
+        `LINGER_SECONDS`; after a close the buffer only shrinks, so a slow reader that reads keeps its answers."""
+        unread = self.transport.get_write_buffer_size()
+        if self._unread_since is None or unread < self._unread_bytes:
+            self._unread_since, self._unread_bytes = now, unread
+        elif now - self._unread_since >= LINGER_SECONDS:
+            # A reset (linger 0): a plain close would leave the kernel sending its own buffer to that client.
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
 
     def _request_overdue(self) -> None:
         if self._finished():
