@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tang_server.http.accesslog import MAX_BUFFERED, MAX_TARGET, AccessLog, Entry
+from tang_server.http.accesslog import MAX_BUFFERED, MAX_REMEMBERED_TARGETS, MAX_TARGET, AccessLog, Entry
 
 PLAIN = re.compile(
     r'^(?P<time>\S+) (?P<client>\S+) "(?P<method>[A-Z]+) (?P<target>(?:[^"\\]|\\.)*) HTTP/(?P<version>[\d.]+)" '
@@ -171,3 +171,19 @@ def test_a_line_is_written_by_the_timer_while_the_loop_runs() -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_remembered_targets_stay_right_past_the_bound() -> None:
+    """The logged form of each target is remembered, up to MAX_REMEMBERED_TARGETS, then all forgotten at once:
+    lines stay exact before, across and after that point, for targets that need escaping and targets that do not."""
+    targets = [(f'/rec/"{n}\\\0é' if n % 2 else f"/rec/{n}").encode() for n in range(MAX_REMEMBERED_TARGETS + 300)]
+    entries = [(1_700_000_000_000 + n, "127.0.0.1", "POST", targets[n % len(targets)], "1.1", 200, 123)
+               for n in range(3 * len(targets))]  # fmt: skip
+    lines = formatted(entries, "plain")
+    assert len(lines) == len(entries)
+    for line, entry in zip(lines, entries, strict=True):
+        found = PLAIN.match(line)
+        assert found, line
+        fields = found.groupdict()
+        fields["target"] = json.loads(f'"{fields["target"]}"')
+        assert fields == expected_fields(entry)

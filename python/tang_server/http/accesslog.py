@@ -28,6 +28,8 @@ FORMATS = ("plain", "json")
 MAX_BUFFERED = 256
 #: The longest request target logged, in bytes (a Tang target is at most about 60).
 MAX_TARGET = 256
+#: Escaped targets remembered (forgotten all at once beyond this: a client sending endless distinct targets).
+MAX_REMEMBERED_TARGETS = 1024
 
 _THOUSANDTHS = [f".{n:03d}" for n in range(1000)]
 _STATUS = [str(n) for n in range(600)]
@@ -43,6 +45,7 @@ class AccessLog:
         self._fd = fd
         self._json = fmt == "json"
         self._entries: list[Entry] = []
+        self._targets: dict[bytes, str] = {}  # raw target -> as logged
         self._timer = FlushTimer(flush_seconds, self.flush)
         atexit.register(self.flush)
 
@@ -56,43 +59,53 @@ class AccessLog:
 
     def flush(self) -> None:
         entries, self._entries = self._entries, []
-        chunk: list[str] = []
-        size = 0
-        for line in self._lines(entries):
-            if chunk and size + len(line) > select.PIPE_BUF:
-                self._write("".join(chunk))
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        if chunk:
-            self._write("".join(chunk))
+        data = "".join(self._lines(entries)).encode("ascii", "backslashreplace")
+        start = 0
+        while start < len(data):
+            # At most PIPE_BUF bytes per write, cut at a line's end (every line is shorter: MAX_TARGET).
+            end = len(data)
+            if end - start > select.PIPE_BUF:
+                end = data.rfind(b"\n", start, start + select.PIPE_BUF) + 1 or end
+            self._write(memoryview(data)[start:end])
+            start = end
 
     def _lines(self, entries: list[Entry]) -> list[str]:
         lines = []
         second, second_text = -1, ""
+        targets = self._targets
         for now, client, method, raw_target, version, status, seconds in entries:
             if int(now) != second:
                 second = int(now)
                 second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            # Tables instead of number formatting, which is most of a line's cost.
-            stamp = second_text + _THOUSANDTHS[int((now - second) * 1000)] + "Z"
+            # Tables instead of number formatting, which is most of a line's cost; one f-string per line.
+            milliseconds = _THOUSANDTHS[int((now - second) * 1000)]
             microseconds = round(seconds * 1e6)
-            duration = str(microseconds // 1000) + _THOUSANDTHS[microseconds % 1000]
-            target = raw_target[:MAX_TARGET].decode("latin-1")
-            # Anything outside printable ASCII, quotes and backslashes is escaped: a line is always one line.
-            if not (target.isascii() and target.isprintable()) or '"' in target or "\\" in target:
-                target = json.dumps(target)[1:-1]
+            target = targets.get(raw_target) or self._target(raw_target)
             if self._json:
                 lines.append(
-                    f'{{"time":"{stamp}","client":"{client}","method":"{method}","target":"{target}",'
-                    f'"http_version":"{version}","status":{_STATUS[status]},"duration_ms":{duration}}}\n'
+                    f'{{"time":"{second_text}{milliseconds}Z","client":"{client}","method":"{method}",'
+                    f'"target":"{target}","http_version":"{version}","status":{_STATUS[status]},'
+                    f'"duration_ms":{microseconds // 1000}{_THOUSANDTHS[microseconds % 1000]}}}\n'
                 )
             else:
-                lines.append(f'{stamp} {client} "{method} {target} HTTP/{version}" {_STATUS[status]} {duration}ms\n')
+                lines.append(
+                    f'{second_text}{milliseconds}Z {client} "{method} {target} HTTP/{version}" {_STATUS[status]} '
+                    f"{microseconds // 1000}{_THOUSANDTHS[microseconds % 1000]}ms\n"
+                )
         return lines
 
-    def _write(self, text: str) -> None:
-        data = text.encode("ascii", "backslashreplace")
+    def _target(self, raw_target: bytes) -> str:
+        """The request target as logged, remembered: a server sees the same few targets again and again."""
+        target = raw_target[:MAX_TARGET].decode("latin-1")
+        # Anything outside printable ASCII, quotes and backslashes is escaped: a line is always one line.
+        if not (target.isascii() and target.isprintable()) or '"' in target or "\\" in target:
+            target = json.dumps(target)[1:-1]
+        if len(self._targets) >= MAX_REMEMBERED_TARGETS:
+            self._targets.clear()
+        self._targets[raw_target] = target
+        return target
+
+    def _write(self, data: memoryview) -> None:
         try:
             while data:
                 data = data[os.write(self._fd, data) :]
