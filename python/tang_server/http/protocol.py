@@ -85,8 +85,8 @@ class TangHttpProtocol(HttpToolsProtocol):
     _deadline: float | None = None  # loop time by which the request being received must be complete
     _answered_at: float | None = None  # idle since this answer: the next request's deadline counts from it
     _linger_until: float | None = None  # loop time at which a refused connection is closed, drained or not
-    _unread_since: float | None = None  # closed, and nothing of what is buffered was written since then
-    _unread_bytes = 0
+    _stalled_since: float | None = None  # closed, and nothing of what is buffered was written since then
+    _stalled_bytes = 0
     _direct: DirectRequest | None = None  # a direct-path request whose body is arriving
     _pending: DirectRequest | None = None  # a complete direct-path request waiting for its answer
     _closing = False  # the listener has closed: close once everything received is answered
@@ -344,21 +344,21 @@ class TangHttpProtocol(HttpToolsProtocol):
     def _check_deadlines(self, now: float) -> None:
         """Acts on a deadline that has passed (called by `_Sweep`)."""
         if self.transport.is_closing():
-            self._check_unread(now)
+            self._check_stalled_close(now)
         elif self._linger_until is not None and now >= self._linger_until:
             self.transport.close()
         elif self._deadline is not None and now >= self._deadline:
             self._deadline = self._answered_at = None
             self._request_overdue()
 
-    def _check_unread(self, now: float) -> None:
+    def _check_stalled_close(self, now: float) -> None:
         """A closed connection stays open until uvloop has written what is buffered for it: for ever, if the client
         never reads its answers (pipelined requests, say). It is reset once nothing was written for
         `LINGER_SECONDS`; after a close the buffer only shrinks, so a slow reader that reads keeps its answers."""
-        unread = self.transport.get_write_buffer_size()
-        if self._unread_since is None or unread < self._unread_bytes:
-            self._unread_since, self._unread_bytes = now, unread
-        elif now - self._unread_since >= LINGER_SECONDS:
+        buffered = self.transport.get_write_buffer_size()
+        if self._stalled_since is None or buffered < self._stalled_bytes:
+            self._stalled_since, self._stalled_bytes = now, buffered
+        elif now - self._stalled_since >= LINGER_SECONDS:
             # A reset (linger 0): a plain close would leave the kernel sending its own buffer to that client.
             sock = self.transport.get_extra_info("socket")
             if sock is not None:
