@@ -183,6 +183,53 @@ def test_direct_answer_is_one_write_and_the_bytes_of_the_general_path(app: TangA
     run(test, app)
 
 
+def test_direct_answers_carry_the_date_of_the_second_they_leave_in(app: TangApplication) -> None:
+    """The direct path remembers the last answer's bytes (`direct.RememberedAnswerBytes`): a new `default_headers`
+    (uvicorn's once-a-second Date) or a different answer must be laid out again."""
+
+    async def test(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        state = protocol.server_state
+        answers = []
+        for date in (None, b"Mon, 07 Dec 2026 10:00:00 GMT", None, b"Mon, 07 Dec 2026 10:00:01 GMT"):
+            if date is not None:
+                state.default_headers = [(b"date", date)]  # as uvicorn's `on_tick`: a new list
+            for request in (ADV, ADV, b"GET /adv/nonexistent HTTP/1.1\r\nHost: t\r\n\r\n", ADV):
+                protocol.data_received(request)
+                await until(lambda: bool(transport.buffer))
+                answers.append(transport.take())
+        expected_dates = [b"", b"", b"", b""] + [b"date: Mon, 07 Dec 2026 10:00:00 GMT\r\n"] * 8
+        expected_dates += [b"date: Mon, 07 Dec 2026 10:00:01 GMT\r\n"] * 4
+        assert [re.search(rb"date: [^\r]*\r\n|$", answer)[0] for answer in answers] == expected_dates  # type: ignore[index]
+        assert statuses(b"".join(answers)) == [b"200", b"200", b"404", b"200"] * 4
+        # Each answer is what uvicorn writes for it on the general path, with the same headers.
+        for answer in answers[12:]:
+            protocol.data_received(ADV_GENERAL if b" 200 " in answer else b"GET /adv/nonexistent HTTP/1.1\r\n"
+                                   b"Host: t\r\nExpect: 100-continue\r\n\r\n")  # fmt: skip
+            await until(lambda: protocol.cycle is not None and protocol.cycle.response_complete)
+            assert transport.take().replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"") == answer
+
+    run(test, app)
+
+
+def test_uvicorn_replaces_the_default_headers_rather_than_changing_them(app: TangApplication) -> None:
+    """What `RememberedAnswerBytes` relies on: the server's tick puts a new list in `default_headers` (with the
+    Date) instead of changing the one connections already hold, so a list seen before has the same contents."""
+    config = uvicorn.Config(app, http=TangHttpProtocol, lifespan="off", log_config=None, proxy_headers=False)
+    config.load()
+    server = DrainingServer(config, drain_seconds=60)
+
+    async def main() -> None:
+        seen = []
+        for counter in (0, 10, 20):  # a tick per tenth of a second: the headers are redone every tenth tick
+            await server.on_tick(counter)
+            seen.append((server.server_state.default_headers, list(server.server_state.default_headers)))
+        for headers, contents in seen:
+            assert headers == contents and any(name == b"date" for name, _ in headers)
+        assert len({id(headers) for headers, _ in seen}) == 3
+
+    asyncio.run(main())
+
+
 def test_pipelined_answers_in_order_and_reading_resumes(app: TangApplication) -> None:
     """uvicorn queues a request behind a running cycle in `pipeline` and pauses reading; `on_response_complete`
     starts the next one and resumes reading."""

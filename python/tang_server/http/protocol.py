@@ -50,7 +50,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import is_ssl
 
 from tang_server.http.app import ARRIVAL_EXTENSION, DISCARD_LIMIT, RAW_TARGET_EXTENSION, Request
-from tang_server.http.direct import DirectAnswers, DirectRequest, answer_bytes, framed_by_length
+from tang_server.http.direct import DirectAnswers, DirectRequest, RememberedAnswerBytes, framed_by_length
 from tang_server.http.responses import Answer
 from tang_server.settings import Settings
 
@@ -326,7 +326,7 @@ class TangHttpProtocol(HttpToolsProtocol):
         keep_alive = direct.keep_alive
         if (app.draining or self._closing) and keep_alive and not blocking and self._nothing_more():
             keep_alive = False  # stopping, and nothing else received: the client must reconnect (elsewhere)
-        self.transport.write(answer_bytes(answer, self.server_state.default_headers, keep_alive))
+        self.transport.write(_answer_bytes(answer, self.server_state.default_headers, keep_alive))
         app.record(direct.route.name, request, answer.status, time.perf_counter() - began)
         if not keep_alive:
             self.transport.close()
@@ -483,6 +483,10 @@ class _Sweep:
                 protocol._check_deadlines(now)
             except Exception:  # a defect in one connection must not stop every other connection's deadlines
                 logger.exception("checking a connection's deadlines")
+
+
+#: The direct path's answers as bytes (one per process: every connection of a worker sends the same /adv).
+_answer_bytes = RememberedAnswerBytes()
 
 
 @functools.cache
