@@ -7,14 +7,19 @@ anything else is 404. Both request paths (the protocol's direct path and the ASG
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import NamedTuple
 
 from tang_server.settings import Settings
 
 _KEY_ID = "/+([0-9A-Za-z_-]+)"
+#: Targets whose match is remembered: a server sees the same few again and again (/adv, /rec/ per key), and
+#: matching the patterns cost a twentieth of an /adv request. Bounded (at most this many targets of at most
+#: --max-target-bytes each), least recently used forgotten first.
+REMEMBERED_TARGETS = 256
 
 
 class Route(NamedTuple):
@@ -37,8 +42,10 @@ class Match(NamedTuple):
 class RouteTable:
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = tuple(routes)
+        #: The route and key id for a method and raw target, or the status it gets.
+        self.dispatch: Callable[[str, bytes], Match] = functools.lru_cache(REMEMBERED_TARGETS)(self._match)
 
-    def dispatch(self, method: str, target: bytes) -> Match:
+    def _match(self, method: str, target: bytes) -> Match:
         for route in self.routes:
             found = route.pattern.fullmatch(target)
             if found is not None:
