@@ -31,7 +31,7 @@ from uvicorn.server import ServerState
 from tang_server.http.app import TangApplication
 from tang_server.http.protocol import TangHttpProtocol
 from tang_server.keys.keystore import KeyStore
-from tang_server.serving.server import DrainingServer, log_config
+from tang_server.serving.server import DrainingServer, log_config, uvicorn_config
 from tang_server.settings import Settings
 
 ADV = b"GET /adv HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -140,6 +140,25 @@ def test_inherited_state_we_rely_on(app: TangApplication) -> None:
         await until(lambda: protocol.cycle.response_complete)
 
     run(test, app)
+
+
+def test_our_init_sets_what_uvicorn_s_sets(app: TangApplication, keys: Path) -> None:
+    """`TangHttpProtocol.__init__` is uvicorn's with the loggers looked up once per process: under the configuration
+    our server builds, every attribute uvicorn's own `__init__` sets, with the same value."""
+    config = uvicorn_config(Settings(keys_dir=keys, keep_alive_seconds=7, max_connections=9))  # not the defaults
+    config.app, config.factory = app, False  # the application itself, not the factory that reads the environment
+    config.load()
+
+    async def main() -> None:
+        loop, state = asyncio.get_running_loop(), ServerState()
+        ours = vars(TangHttpProtocol(config=config, server_state=state, app_state={}, _loop=loop))
+        theirs = vars(HttpToolsProtocol(config=config, server_state=state, app_state={}, _loop=loop))
+        assert ours.keys() == theirs.keys()
+        assert type(ours.pop("parser")) is type(theirs.pop("parser"))
+        assert ours == theirs
+        assert theirs["access_log"] is False and theirs["logger"] is logging.getLogger("uvicorn.error")
+
+    asyncio.run(main())
 
 
 def test_parser_callback_order(app: TangApplication) -> None:

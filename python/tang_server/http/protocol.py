@@ -42,12 +42,16 @@ import socket
 import struct
 import termios
 import time
+from collections import deque
 from http import HTTPStatus
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import httptools
+import uvicorn
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import is_ssl
+from uvicorn.server import ServerState
 
 from tang_server.http.app import ARRIVAL_EXTENSION, DISCARD_LIMIT, RAW_TARGET_EXTENSION, Request
 from tang_server.http.direct import DirectAnswers, DirectRequest, RememberedAnswerBytes, framed_by_length
@@ -55,6 +59,8 @@ from tang_server.http.responses import Answer
 from tang_server.settings import Settings
 
 logger = logging.getLogger(__name__)
+_UVICORN_ERROR_LOGGER = logging.getLogger("uvicorn.error")
+_UVICORN_ACCESS_LOGGER = logging.getLogger("uvicorn.access")
 
 #: How long a refused connection is read and drained at most before it is closed (a client that neither stops
 #: sending nor closes).
@@ -92,6 +98,48 @@ class TangHttpProtocol(HttpToolsProtocol):
     _closing = False  # the listener has closed: close once everything received is answered
     _lingering = False  # refused: what arrives is dropped until the client finishes (`_refuse`)
     _drained = 0  # bytes dropped while lingering
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # uvicorn's, without two `logging.getLogger` calls and a walk up the logging tree (does uvicorn's access
+        # logger have handlers?) per connection: a fifth of a new connection's Python. Every configuration we
+        # build turns uvicorn's access log off (ours is accesslog.py). test_protocol_contract compares the result
+        # with uvicorn's own.
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.app = config.loaded_app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.logger = _UVICORN_ERROR_LOGGER
+        self.access_logger = _UVICORN_ACCESS_LOGGER
+        self.access_log = False
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.ws_protocol_class = config.ws_protocol_class
+        self.root_path = config.root_path
+        self.asgi_version = config.asgi_version
+        self.limit_concurrency = config.limit_concurrency
+        self.app_state = app_state
+        self.timeout_keep_alive_task = None
+        self.timeout_keep_alive = config.timeout_keep_alive
+        self.server_state = server_state
+        self.connections = server_state.connections
+        self.tasks = server_state.tasks
+        self.transport = None  # type: ignore[assignment]
+        self.flow = None  # type: ignore[assignment]
+        self.server = None
+        self.client = None
+        self.scheme = None
+        self.pipeline = deque()
+        self.scope = None  # type: ignore[assignment]
+        self.headers = None  # type: ignore[assignment]
+        self.expect_100_continue = False
+        self.cycle = None  # type: ignore[assignment]
 
     @classmethod
     def configure(cls, request_timeout: float, max_target_bytes: int, max_header_bytes: int) -> None:
