@@ -170,7 +170,7 @@ bench: $(DEV_STAMP) $(STAMP) debian-packages
 	cargo build --release --quiet -p tang-p521 --example mul_rate
 	$(BIN)/pytest bench --benchmark-only --benchmark-columns=min,median,mean,ops
 	cd bench && ../$(BIN)/python load.py --seconds $(BENCH_SECONDS) --rounds $(BENCH_ROUNDS) --workers $(WORKERS) \
-		--peers reference,tangy,constant
+		--peers reference,tangy,constant --variant nolog=--no-access-log
 
 profile: $(DEV_STAMP) $(STAMP) debian-packages
 	cd bench && ../$(BIN)/python profile.py
