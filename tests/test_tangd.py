@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from tang_server import tangd
+from tang_server.http.app import DISCARD_LIMIT
 
 from .support import (
     BIN,
@@ -113,6 +116,43 @@ def test_one_connection_on_stdin_pipes(keys: Path) -> None:
     responses = [parse_response(b"HTTP/1.1 " + part) for part in rest.split(b"HTTP/1.1 ") if part]
     assert first == b""
     assert [r.status for r in responses] == [200, 200]  # both answered, keep-alive on one connection
+
+
+def test_pipe_mode_ends_the_connection_when_the_server_does(keys: Path) -> None:
+    """On plain pipes, the end of our side of the connection reaches the client when the server ends it, as on a
+    socket: after a refusal the server goes on reading what the client sends (the lingering close), so standard
+    output must close then, not when the process exits."""
+    with subprocess.Popen([TANGD, str(keys)], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as process:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(b"NOT HTTP\r\n\r\n")
+        process.stdin.flush()
+        answer = process.stdout.read()  # to the end of standard output
+        assert parse_response(answer).status == 400
+        # Still lingering, so still reading: had standard output closed with the process, this would be EPIPE.
+        process.stdin.write(b"more of the client's bytes")
+        process.stdin.close()
+        assert process.wait(timeout=30) == 0
+
+
+def test_pipe_mode_client_sending_on_after_the_end_gets_no_traceback(keys: Path) -> None:
+    """A refused client that sends past the discard limit has its connection closed while it still sends: what
+    it sends then goes nowhere, quietly (the thread copying standard input used to die with a traceback)."""
+    process = subprocess.Popen([TANGD, str(keys)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)  # fmt: skip
+
+    def send() -> None:
+        assert process.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.write(b"NOT HTTP\r\n\r\n" + bytes(4 * DISCARD_LIMIT))  # the limit, then 3 MiB more
+            process.stdin.close()
+
+    sending = threading.Thread(target=send)
+    sending.start()
+    output, errors = process.communicate(timeout=60)
+    sending.join()
+    assert parse_response(output).status == 400
+    assert process.returncode == 0
+    assert b"Traceback" not in errors and b"Error" not in errors, errors.decode(errors="replace")
 
 
 def test_socat_socket_activation_with_clevis(keys: Path, tmp_path: Path) -> None:

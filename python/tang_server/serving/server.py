@@ -488,12 +488,20 @@ def _connection_socket() -> tuple[socket.socket, threading.Thread | None]:
 
 
 def _pump_in(bridge: socket.socket) -> None:
-    while data := os.read(0, 65536):
-        bridge.sendall(data)
-    bridge.shutdown(socket.SHUT_WR)
+    try:
+        while data := os.read(0, 65536):
+            bridge.sendall(data)
+        bridge.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the connection has ended (closed after a refusal, say): what the client still sends goes nowhere
 
 
 def _pump_out(bridge: socket.socket) -> None:
     while data := bridge.recv(65536):
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
+    # Our end of the connection, as a socket would show it at once: standard output is closed now, not when the
+    # process exits (after a refusal, the lingering close goes on reading the client for up to LINGER_SECONDS).
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
