@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import re
 import select
 import socket
 import time
@@ -318,3 +319,36 @@ def test_a_client_that_never_reads_its_answers_is_reset(keys: Path, tmp_path: Pa
             assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
         assert ask(server.port, ADV).status == 200
         assert "Traceback" not in server.log_text()
+
+
+# A request the client stops in the middle of, then ends its side: and the statuses of everything it sent.
+UNFINISHED = {
+    "request line": (b"GE", [b"400"]),
+    "headers": (b"GET /adv HTTP/1.1\r\nHost: x\r\n", [b"400"]),
+    "body, direct path": (b"POST /rec/abc HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789", [b"400"]),
+    "body, general path": (
+        b"POST /rec/abc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n01",
+        [b"400"],
+    ),
+    "body, answered before it": (b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n01", [b"405"]),
+    "after a whole request": (ADV + b"GET /adv HTTP/1.1\r\nHo", [b"200", b"400"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNFINISHED))
+def test_a_request_the_client_ends_unfinished_is_400_at_once(keys: Path, tmp_path: Path, case: str) -> None:
+    """A client that half-closes its connection in the middle of a request can never finish it: it gets 400 when
+    its end arrives, not 408 at the deadline (an hour here, so that waiting for it would fail the test's bound),
+    after the answers to what it sent whole; a request already answered gets no second answer."""
+    data, expected = UNFINISHED[case]
+    with (
+        serving(keys, tmp_path / "log", "--request-timeout", "3600") as server,
+        socket.create_connection(("127.0.0.1", server.port)) as conn,
+    ):
+        conn.settimeout(60)  # a hang's bound, far below the deadline
+        conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", received) == expected

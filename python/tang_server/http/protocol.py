@@ -10,7 +10,8 @@
   byte per second holds its connection forever) and httptools no bound on the size of a request line or
   headers: here a whole request must arrive within `request_timeout` seconds (else 408 and close; an idle
   kept-alive connection is closed silently), its target must stay under `max_target_bytes` (414, decided as
-  the target arrives instead of after buffering it) and its headers under `max_header_bytes` (431).
+  the target arrives instead of after buffering it) and its headers under `max_header_bytes` (431). A client
+  that half-closes in the middle of a request can never finish it: 400 at once rather than 408 at the deadline.
 - A refused request (400, 408, 414, 431) ends in a lingering close, as in nginx and Apache: the refusal goes
   out with the end of our side of the connection, then what the client still sends is read and dropped until it
   finishes (or for `LINGER_SECONDS`, or `DISCARD_LIMIT` bytes). Closing at once with request bytes unread would
@@ -244,6 +245,8 @@ class TangHttpProtocol(HttpToolsProtocol):
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio allows True: keep our side open
         self.client_done = True
+        if not self._lingering and not self._message_done:
+            self._refuse(400)  # a request begun that can never be finished: say so now, not at its deadline
         return not self._lingering and not self._idle()
 
     def on_response_complete(self) -> None:
