@@ -29,7 +29,7 @@ from uvicorn.protocols.utils import get_local_addr, get_remote_addr
 from uvicorn.server import ServerState
 
 from tang_server.http.app import TangApplication
-from tang_server.http.protocol import TangHttpProtocol
+from tang_server.http.protocol import LINGER_SECONDS, TangHttpProtocol
 from tang_server.keys.keystore import KeyStore
 from tang_server.serving.server import DrainingServer, log_config, uvicorn_config
 from tang_server.settings import Settings
@@ -87,13 +87,14 @@ def run(
     test: Callable[[TangHttpProtocol, MockTransport], Awaitable[None]],
     app: TangApplication,
     protocol_class: type[TangHttpProtocol] = TangHttpProtocol,
+    transport_class: type[MockTransport] = MockTransport,
 ) -> None:
     async def main() -> None:
         config = uvicorn.Config(app, http=protocol_class, lifespan="off", server_header=False, log_config=None,
                                 proxy_headers=False)  # fmt: skip  # as server.py: the app itself, unwrapped
         config.load()
         protocol = protocol_class(config=config, server_state=ServerState(), app_state={})
-        transport = MockTransport()
+        transport = transport_class()
         protocol.connection_made(transport)  # type: ignore[arg-type]
         try:
             await test(protocol, transport)
@@ -451,3 +452,53 @@ def test_no_trace_line_is_formatted_per_connection(keys: Path, level: str) -> No
             logger.setLevel(saved_level)
             logger.handlers[:] = handlers
             logger.propagate = propagate
+
+
+class BufferingTransport(MockTransport):
+    """A transport holding `buffered` bytes the client has not taken, which an abort resets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffered = 0
+        self.aborted = False
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def abort(self) -> None:
+        self.aborted = self.closed = True
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_answers_the_client_stops_taking_reset_the_connection(app: TangApplication, closed: bool) -> None:
+    """`_check_stalled`, by the sweep's clock: a connection whose answers wait (writing paused, or closed with
+    answers buffered) is reset once the client has taken nothing for the limit (the request deadline; after a
+    close, LINGER_SECONDS), and not while it takes some, however slowly, nor on an earlier wait's account."""
+    limit = LINGER_SECONDS if closed else TangHttpProtocol.request_timeout
+
+    async def test(protocol: TangHttpProtocol, transport: MockTransport) -> None:
+        assert isinstance(transport, BufferingTransport)
+        transport.buffered = 200_000
+        protocol.pause_writing()
+        transport.closed = closed
+        now = 1000.0
+        protocol._check_deadlines(now)
+        protocol._check_deadlines(now + limit - 0.25)
+        for _ in range(20):  # a slow reader: a little taken at every sweep, for many times the limit
+            now += limit / 2
+            transport.buffered -= 1000
+            protocol._check_deadlines(now)
+            assert not transport.aborted
+        if not closed:
+            protocol.resume_writing()  # the client caught up; later it stops reading again
+            protocol._check_deadlines(now + limit * 3)
+            protocol.pause_writing()
+            now += limit * 4
+            protocol._check_deadlines(now)  # the new wait starts here, not at the first one
+            assert not transport.aborted
+        protocol._check_deadlines(now + limit - 0.25)
+        assert not transport.aborted
+        protocol._check_deadlines(now + limit)
+        assert transport.aborted
+
+    run(test, app, transport_class=BufferingTransport)

@@ -21,8 +21,9 @@
   request answered before its body arrived (a 404 reads none) whose body then breaks the framing gets no second
   answer: only the lingering close. An answer that ends the connection (`Connection: close`) before its
   request's body has arrived ends it with a lingering close too (`_CycleTransport`).
-- A closed connection whose answers the client does not read is reset once nothing was written for
-  `LINGER_SECONDS`: uvloop would wait for ever to write them.
+- A connection whose answers the client does not take is reset: once closed, after `LINGER_SECONDS` without
+  progress (uvloop would wait for ever to write them); open with writing paused, after `request_timeout` (the
+  general path's cycle would wait for ever to write the next one).
 - Deadlines are checked by one sweep per event loop (`_Sweep`), not a timer per connection.
 - `/rec` and `/adv` requests are answered on the direct path (`direct.py`) when nothing needs the ASGI cycle.
 - Stopping drops nothing received (`server.DrainingServer`). While the process drains, a direct answer that is the
@@ -92,8 +93,8 @@ class TangHttpProtocol(HttpToolsProtocol):
     _deadline: float | None = None  # loop time by which the request being received must be complete
     _answered_at: float | None = None  # idle since this answer: the next request's deadline counts from it
     _linger_until: float | None = None  # loop time at which a refused connection is closed, drained or not
-    _stalled_since: float | None = None  # closed, and nothing of what is buffered was written since then
-    _stalled_bytes = 0
+    _stalled_since: float | None = None  # answers wait for the client, and none was taken since then
+    _stalled_bytes = 0  # what was buffered at the last check
     _direct: DirectRequest | None = None  # a direct-path request whose body is arriving
     _pending: DirectRequest | None = None  # a complete direct-path request waiting for its answer
     _closing = False  # the listener has closed: close once everything received is answered
@@ -292,6 +293,7 @@ class TangHttpProtocol(HttpToolsProtocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        self._stalled_since = None  # the client caught up: a later wait is timed from its own start
         self.flow.resume_reading()  # paused by a direct answer that filled the write buffer
 
     def send_400_response(self, msg: str) -> None:
@@ -395,27 +397,34 @@ class TangHttpProtocol(HttpToolsProtocol):
     def _check_deadlines(self, now: float) -> None:
         """Acts on a deadline that has passed (called by `_Sweep`)."""
         if self.transport.is_closing():
-            self._check_stalled_close(now)
-        elif self._linger_until is not None and now >= self._linger_until:
+            self._check_stalled(now, LINGER_SECONDS)
+            return
+        if self.flow.write_paused:
+            self._check_stalled(now, self.request_timeout)  # may reset the connection: the checks below then stop
+        if self._linger_until is not None and now >= self._linger_until:
             self.transport.close()
         elif self._deadline is not None and now >= self._deadline:
             self._deadline = self._answered_at = None
             self._request_overdue()
 
-    def _check_stalled_close(self, now: float) -> None:
-        """A closed connection stays open until uvloop has written what is buffered for it: for ever, if the client
-        never reads its answers (pipelined requests, say). It is reset once nothing was written for
-        `LINGER_SECONDS`; after a close the buffer only shrinks, so a slow reader that reads keeps its answers."""
+    def _check_stalled(self, now: float, limit: float) -> None:
+        """Answers wait for a client that does not read them: a closed connection's last ones (uvloop would wait
+        for ever to write them: pipelined requests never read, say), or enough of them that writing has paused. The
+        connection is reset once the client has taken nothing for `limit` seconds. Nothing is added to the buffer
+        meanwhile (closed; or paused: the general path waits to write, the direct path stops reading after the
+        answer it was writing), so a buffer smaller than at the last check means the client took some: a slow
+        reader that reads keeps its answers."""
         buffered = self.transport.get_write_buffer_size()
         if self._stalled_since is None or buffered < self._stalled_bytes:
-            self._stalled_since, self._stalled_bytes = now, buffered
-        elif now - self._stalled_since >= LINGER_SECONDS:
+            self._stalled_since = now
+        elif now - self._stalled_since >= limit:
             # A reset (linger 0): a plain close would leave the kernel sending its own buffer to that client.
             sock = self.transport.get_extra_info("socket")
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.transport.abort()
+        self._stalled_bytes = buffered
 
     def _request_overdue(self) -> None:
         if self._finished():
@@ -496,7 +505,11 @@ class _CycleTransport:
         self._protocol = protocol
 
     def write(self, data: bytes) -> None:
-        self._protocol.transport.write(data)
+        transport = self._protocol.transport
+        # Once closed, what the cycle writes cannot go out; uvloop raises rather than drop it. It happens when a
+        # reset (`_check_stalled`) wakes a cycle waiting for room before connection_lost tells it the client is gone.
+        if not transport.is_closing():
+            transport.write(data)
 
     def is_closing(self) -> bool:
         return self._protocol._finished()
