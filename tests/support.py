@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -242,6 +243,11 @@ class Response:
     status: int
     headers: dict[str, str]
     body: bytes
+
+
+def statuses(data: bytes) -> list[bytes]:
+    """The status code of every HTTP/1.1 answer in `data`, in order."""
+    return re.findall(rb"HTTP/1\.1 (\d{3}) ", data)
 
 
 def parse_response(data: bytes) -> Response:

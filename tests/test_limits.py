@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import re
 import select
 import socket
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from .listening import launched
-from .support import Response, Server, client_key, load_keys, parse_response, serve_command, thumbprint
+from .support import Response, Server, client_key, load_keys, parse_response, serve_command, statuses, thumbprint
 
 ADV = b"GET /adv HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -355,4 +354,4 @@ def test_a_request_the_client_ends_unfinished_is_400_at_once(keys: Path, tmp_pat
         received = b""
         while chunk := conn.recv(65536):
             received += chunk
-    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", received) == expected
+    assert statuses(received) == expected

@@ -34,6 +34,8 @@ from tang_server.keys.keystore import KeyStore
 from tang_server.serving.server import DrainingServer, log_config, uvicorn_config
 from tang_server.settings import Settings
 
+from .support import statuses
+
 ADV = b"GET /adv HTTP/1.1\r\nHost: t\r\n\r\n"
 ADV_GENERAL = b"GET /adv HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n\r\n"  # the same, on the ASGI path
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -109,10 +111,6 @@ async def until(condition: Callable[[], bool]) -> None:
     async with asyncio.timeout(10):
         while not condition():
             await asyncio.sleep(0.001)
-
-
-def statuses(data: bytes) -> list[bytes]:
-    return re.findall(rb"HTTP/1\.1 (\d{3}) ", data)
 
 
 def test_inherited_state_we_rely_on(app: TangApplication) -> None:
