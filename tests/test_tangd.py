@@ -137,21 +137,25 @@ def test_pipe_mode_ends_the_connection_when_the_server_does(keys: Path) -> None:
 def test_pipe_mode_client_sending_on_after_the_end_gets_no_traceback(keys: Path) -> None:
     """A refused client that sends past the discard limit has its connection closed while it still sends: what
     it sends then goes nowhere, quietly (the thread copying standard input used to die with a traceback)."""
-    process = subprocess.Popen([TANGD, str(keys)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)  # fmt: skip
+    with subprocess.Popen(
+        [TANGD, str(keys)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        stdin = process.stdin
 
-    def send() -> None:
-        assert process.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            process.stdin.write(b"NOT HTTP\r\n\r\n" + bytes(4 * DISCARD_LIMIT))  # the limit, then 3 MiB more
-            process.stdin.close()
+        def send() -> None:
+            with contextlib.suppress(BrokenPipeError):
+                stdin.write(b"NOT HTTP\r\n\r\n" + bytes(4 * DISCARD_LIMIT))  # the limit, then 3 MiB more
+                stdin.close()
 
-    sending = threading.Thread(target=send)
-    sending.start()
-    output, errors = process.communicate(timeout=60)
-    sending.join()
+        # Written by a thread while the answer is read here (communicate() would close standard input under it).
+        sending = threading.Thread(target=send)
+        sending.start()
+        output = process.stdout.read()
+        sending.join()
+        errors = process.stderr.read()
+        assert process.wait(timeout=60) == 0
     assert parse_response(output).status == 400
-    assert process.returncode == 0
     assert b"Traceback" not in errors and b"Error" not in errors, errors.decode(errors="replace")
 
 

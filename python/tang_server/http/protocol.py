@@ -400,7 +400,7 @@ class TangHttpProtocol(HttpToolsProtocol):
             self._check_stalled(now, LINGER_SECONDS)
             return
         if self.flow.write_paused:
-            self._check_stalled(now, self.request_timeout)  # may reset the connection: the checks below then stop
+            self._check_stalled(now, self.request_timeout)  # after a reset, the checks below find nothing to do
         if self._linger_until is not None and now >= self._linger_until:
             self.transport.close()
         elif self._deadline is not None and now >= self._deadline:
